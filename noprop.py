@@ -1,0 +1,575 @@
+"""NoProp (Li, Teh, Pascanu 2025, arXiv:2503.24322) in plain JAX: functions over pytrees.
+
+Conventions, stated once (paper section 2, Eq. 6):
+- Time runs from noise to label. z_0 ~ N(0, I) is pure noise; z_T (DT) or z_1 (CT, FM) is
+  the clean class embedding u_y = W_embed[y].
+- alpha_bar_t = prod_{s=t}^{T} alpha_s INCREASES with t, so SNR(t) = alpha_bar/(1 - alpha_bar)
+  increases too and every DT weight SNR(t) - SNR(t-1) is positive. This is the reverse of
+  the DDPM index convention, which is where most public implementations go wrong.
+- Shapes: images x (B, H, W, C) float32 in [0, 1]; labels y (B,) int; latents z (B, d).
+- Parameters are nested dicts of arrays. The T DT blocks are ONE pytree whose leaves carry a
+  leading axis T; they are trained together by `jax.vmap` and run at inference by `lax.scan`.
+- Batch-norm running statistics live in a separate `state` pytree. `key=None` means
+  evaluation mode: dropout off, batch norm reads its running statistics.
+- Choices where the paper is silent (paper.md "NOT SPECIFIED") are named constants below.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+DROPOUT = 0.2  # Fig. 6: dropout(0.2) after each conv group
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # NOT SPECIFIED: PyTorch's BatchNorm defaults
+COSINE_OFFSET = 0.02  # NOT SPECIFIED: offset s of the DT cosine schedule (see cosine_schedule)
+
+
+# --- Layers: init_x(key, sizes) -> params, x(params, inputs) -> outputs ---
+
+def init_dense(key, n_in, n_out):
+    """Dense layer; NOT SPECIFIED init, chosen as PyTorch's default U(-1/sqrt(fan_in), +)."""
+    kw, kb = jax.random.split(key)
+    lim = 1.0 / math.sqrt(n_in)
+    return {"W": jax.random.uniform(kw, (n_in, n_out), minval=-lim, maxval=lim),
+            "b": jax.random.uniform(kb, (n_out,), minval=-lim, maxval=lim)}
+
+
+def dense(p, x):
+    return x @ p["W"] + p["b"]
+
+
+def init_conv(key, c_in, c_out):
+    """3x3 convolution, stored as (3, 3, c_in, c_out) like lax's HWIO."""
+    p = init_dense(key, 9 * c_in, c_out)
+    return {"W": p["W"].reshape(3, 3, c_in, c_out), "b": p["b"]}
+
+
+def conv3x3(p, x):
+    """3x3 VALID convolution as im2col + one matmul. Shapes: (B, H, W, C) -> (B, H-2, W-2, C_out).
+
+    Same math as lax.conv_general_dilated, but its backward pass is a matmul, which XLA:CPU
+    runs ~10x faster under vmap over stacked block weights (see README, Performance).
+    """
+    H, W = x.shape[-3] - 2, x.shape[-2] - 2
+    patches = jnp.concatenate([x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)], -1)
+    return patches @ p["W"].reshape(-1, p["W"].shape[-1]) + p["b"]
+
+
+def maxpool2(x):
+    """2x2 max pooling, stride 2, flooring odd sizes (as PyTorch's MaxPool2d).
+
+    The max of four strided slices: its backward is elementwise selects, ~2x faster on
+    XLA:CPU than reshape + max and ~5x faster than lax.reduce_window.
+    """
+    H, W = x.shape[-3] // 2 * 2, x.shape[-2] // 2 * 2
+    s = [x[..., i:H:2, j:W:2, :] for i in range(2) for j in range(2)]
+    return jnp.maximum(jnp.maximum(s[0], s[1]), jnp.maximum(s[2], s[3]))
+
+
+def dropout(key, x, rate=DROPOUT):
+    """Inverted dropout; identity when key is None (evaluation)."""
+    if key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def init_batchnorm(n):
+    """Batch norm: (learned affine params, running-statistics state)."""
+    return ({"scale": jnp.ones(n), "bias": jnp.zeros(n)},
+            {"mean": jnp.zeros(n), "var": jnp.ones(n)})
+
+
+def batchnorm(p, s, x, train):
+    """Batch norm over the batch axis. Returns (y, new running statistics)."""
+    if train:
+        mean, var = x.mean(0), x.var(0)
+        n = x.shape[0]
+        s = {"mean": (1 - BN_MOMENTUM) * s["mean"] + BN_MOMENTUM * mean,
+             "var": (1 - BN_MOMENTUM) * s["var"] + BN_MOMENTUM * var * n / max(n - 1, 1)}
+    else:
+        mean, var = s["mean"], s["var"]
+    return (x - mean) * jax.lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"], s
+
+
+# --- Architecture (Fig. 6; parameter counts of v2 Table 5) ---
+
+def feature_size(image_shape):
+    """Flattened size after the conv stack: 28 -> 26 -> 13 -> 11 -> 9 -> 4 (MNIST), x128 channels."""
+    side = ((image_shape[0] - 2) // 2 - 4) // 2
+    return 128 * side * side
+
+
+def init_conv_stack(key, image_shape):
+    """conv32 -> pool -> conv64 -> conv128 -> pool -> FC(256), all convs 3x3 VALID."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {"conv1": init_conv(k1, image_shape[-1], 32), "conv2": init_conv(k2, 32, 64),
+            "conv3": init_conv(k3, 64, 128), "fc": init_dense(k4, feature_size(image_shape), 256)}
+
+
+def conv_stack(p, x, key=None):
+    """Image path of Fig. 6 up to FC(256), before its BN (DT) or ReLU (CT). (B,H,W,C) -> (B,256)."""
+    k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    # relu(pool(.)) == pool(relu(.)) (relu is monotone); pooling first is 4x less relu work
+    h = dropout(k1, jax.nn.relu(maxpool2(conv3x3(p["conv1"], x))))
+    h = dropout(k2, jax.nn.relu(conv3x3(p["conv2"], h)))
+    h = dropout(k3, jax.nn.relu(maxpool2(conv3x3(p["conv3"], h))))
+    return dense(p["fc"], h.reshape(h.shape[0], -1))
+
+
+def is_prototype(image_shape, d):
+    """Sec. 4.3: when d equals the image size, z is an image and gets its own conv stack."""
+    return d == math.prod(image_shape)
+
+
+def init_dt_block(key, image_shape, d, m):
+    """One DT block u_hat_t(z_{t-1}, x) (Fig. 6 left). Returns (params, batch-norm state)."""
+    ks = jax.random.split(key, 7)
+    p, s = {"img": init_conv_stack(ks[0], image_shape)}, {}
+    names = ["img_bn", "head1_bn", "head2_bn"]
+    if is_prototype(image_shape, d):
+        p["lab"] = init_conv_stack(ks[1], image_shape)
+        names.append("lab_bn")
+    else:
+        p["lab"] = init_dense(ks[1], d, 256)
+        p["res1"], p["res2"] = init_dense(ks[2], 256, 256), init_dense(ks[3], 256, 256)
+        names += ["lab_bn", "res1_bn", "res2_bn"]
+    p["head1"], p["head2"] = init_dense(ks[4], 512, 256), init_dense(ks[5], 256, 128)
+    p["out"] = init_dense(ks[6], 128, m)
+    for name in names:
+        p[name], s[name] = init_batchnorm(128 if name == "head2_bn" else 256)
+    return p, s
+
+
+def dt_block(p, s, x, z, key=None):
+    """Logits of one DT block. x (B,H,W,C), z (B,d) -> (logits (B,m), new BN state)."""
+    new_s, train = {}, key is not None
+
+    def bn(name, h):
+        h, new_s[name] = batchnorm(p[name], s[name], h, train)
+        return h
+
+    k_img, k_lab = jax.random.split(key) if train else (None, None)
+    img = bn("img_bn", conv_stack(p["img"], x, k_img))
+    if "res1" in p:  # label path: FC-BN-ReLU, then residual (FC-BN-ReLU-FC-BN), no ReLU after +
+        h = jax.nn.relu(bn("lab_bn", dense(p["lab"], z)))
+        lab = h + bn("res2_bn", dense(p["res2"], jax.nn.relu(bn("res1_bn", dense(p["res1"], h)))))
+    else:  # prototype: z is an image, processed like x by its own conv stack
+        lab = bn("lab_bn", conv_stack(p["lab"], z.reshape(x.shape), k_lab))
+    h = jax.nn.relu(bn("head1_bn", dense(p["head1"], jnp.concatenate([img, lab], -1))))
+    h = jax.nn.relu(bn("head2_bn", dense(p["head2"], h)))
+    return dense(p["out"], h), new_s
+
+
+def count_params(p):
+    return sum(leaf.size for leaf in jax.tree.leaves(p))
+
+
+# --- Class embeddings W_embed (Sec. 2.2.1) and classifier p(y | z_T) (Eq. 14) ---
+
+def embedding_dim(embedding, image_shape, m):
+    return {"onehot": m, "dim20": 20, "prototype": math.prod(image_shape)}[embedding]
+
+
+def medoid_images(x, y, m):
+    """Per class, the image with the smallest median Euclidean distance to the others (Sec. 2.2.1)."""
+    rows = []
+    for c in range(m):
+        xc = jnp.asarray(x[y == c].reshape(int((y == c).sum()), -1))
+        sq = (xc * xc).sum(1)
+        dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2 * xc @ xc.T, 0.0))
+        dist = jnp.where(jnp.eye(len(xc), dtype=bool), jnp.nan, dist)  # "all other images"
+        rows.append(xc[jnp.argmin(jnp.nanmedian(dist, axis=1))])
+    return jnp.stack(rows)
+
+
+def init_embedding(key, embedding, m, image_shape, x=None, y=None):
+    """W_embed (m, d), or None for fixed one-hot (then W_embed = I, not a parameter)."""
+    if embedding == "onehot":
+        return None
+    if embedding == "prototype":
+        return medoid_images(x, y, m)
+    d = embedding_dim(embedding, image_shape, m)
+    if m <= d:  # "orthogonal when possible": orthonormal rows
+        return jax.nn.initializers.orthogonal()(key, (m, d))
+    return jax.random.normal(key, (m, d)) / math.sqrt(d)  # NOT SPECIFIED: random otherwise
+
+
+def class_embeddings(params):
+    """W_embed (m, d): the learned matrix, or the identity for one-hot embeddings."""
+    m = params["classifier"]["b"].shape[0]
+    return params["W_embed"] if "W_embed" in params else jnp.eye(m)
+
+
+def cross_entropy(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+# --- Fixed cosine noise schedule and posterior coefficients (Eqs. 5-6, App. A.3) ---
+
+def cosine_schedule(T, s=COSINE_OFFSET):
+    """DT schedule: alpha_bar_t = cos^2(pi/2 * (1 - t/T + s) / (1 + 2s)), t = 0..T.
+
+    NOT SPECIFIED beyond "fixed cosine": the Nichol-Dhariwal cosine with the index reversed
+    (z_T is the label) and a symmetric offset s, so 0 < alpha_bar_0 < ... < alpha_bar_T < 1
+    without clipping (s = 0.02: alpha_bar_0 = 1 - alpha_bar_T ~ 9e-4, log SNR in [-7, 7]).
+    """
+    t = jnp.arange(T + 1) / T
+    return schedule_from_alpha_bar(jnp.cos(0.5 * jnp.pi * (1 - t + s) / (1 + 2 * s)) ** 2)
+
+
+def schedule_from_alpha_bar(alpha_bar):
+    """Everything Eqs. 3, 6 and 8 need from alpha_bar_0..T (increasing).
+
+    alpha_t = alpha_bar_t / alpha_bar_{t+1}, alpha_T = alpha_bar_T (Eq. 6, product runs t -> T).
+    For t = 1..T (Eq. 6, App. A.3):
+      a_t = sqrt(alpha_bar_t)(1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})
+      b_t = sqrt(alpha_{t-1})(1 - alpha_bar_t) / (1 - alpha_bar_{t-1})
+      c_t = (1 - alpha_bar_t)(1 - alpha_{t-1}) / (1 - alpha_bar_{t-1})
+    """
+    alpha = jnp.append(alpha_bar[:-1] / alpha_bar[1:], alpha_bar[-1])
+    ab_t, ab_prev, al_prev = alpha_bar[1:], alpha_bar[:-1], alpha[:-1]
+    return {"alpha_bar": alpha_bar, "alpha": alpha, "snr": alpha_bar / (1 - alpha_bar),
+            "a": jnp.sqrt(ab_t) * (1 - al_prev) / (1 - ab_prev),
+            "b": jnp.sqrt(al_prev) * (1 - ab_t) / (1 - ab_prev),
+            "c": (1 - ab_t) * (1 - al_prev) / (1 - ab_prev)}
+
+
+def sample_q(key, u_y, alpha_bar):
+    """z ~ q(z_t | y) = N(sqrt(alpha_bar_t) u_y, (1 - alpha_bar_t) I), Eq. 6 (reparameterised)."""
+    return jnp.sqrt(alpha_bar) * u_y + jnp.sqrt(1 - alpha_bar) * jax.random.normal(key, u_y.shape)
+
+
+def kl_z0(u_y, alpha_bar_0):
+    """KL(q(z_0|y) || N(0, I)) = 1/2 [ab_0 |u_y|^2 - d ab_0 - d log(1 - ab_0)], per example (Eq. 8)."""
+    d = u_y.shape[-1]
+    return 0.5 * (alpha_bar_0 * (u_y ** 2).sum(-1) - d * alpha_bar_0 - d * jnp.log1p(-alpha_bar_0))
+
+
+# --- NoProp-DT: model, objective (Eq. 8 / Alg. 1) and inference (Eq. 3) ---
+
+def init_dt(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
+    """Params {"blocks" (stacked, leading axis T), "classifier", ["W_embed"]} and BN state."""
+    k_blocks, k_cls, k_emb = jax.random.split(key, 3)
+    d = embedding_dim(embedding, image_shape, m)
+    blocks, state = jax.vmap(lambda k: init_dt_block(k, image_shape, d, m))(
+        jax.random.split(k_blocks, T))
+    params = {"blocks": blocks, "classifier": init_dense(k_cls, d, m)}
+    W = init_embedding(k_emb, embedding, m, image_shape, x, y)
+    if W is not None:
+        params["W_embed"] = W
+    return params, state
+
+
+def loss_dt(params, state, key, x, y, sched, eta=0.1):
+    """Sum over blocks t = 1..T of L_t (Eq. 61), all T blocks at once under vmap.
+
+    L_t = CE(p(y | z_T)) + KL(q(z_0|y) || p(z_0)) + (T/2) eta (SNR(t) - SNR(t-1)) |u_hat_t - u_y|^2,
+    z_T ~ q(z_T|y) and block t's input z_{t-1} ~ q(z_{t-1}|y) (Eq. 8). The input is a sample
+    with no gradient path (stop_gradient), so theta_t gets exactly dL_t/dtheta_t; the shared
+    classifier and W_embed get the sum of the T gradients Algorithm 1 would apply one by one.
+    """
+    W = class_embeddings(params)
+    u_y, ab, T = W[y], sched["alpha_bar"], sched["a"].shape[0]
+    dsnr = sched["snr"][1:] - sched["snr"][:-1]
+
+    def block_loss(block, bn, k, ab_prev):
+        k_in, k_T, k_drop = jax.random.split(k, 3)
+        z_prev = jax.lax.stop_gradient(sample_q(k_in, u_y, ab_prev))
+        logits, bn = dt_block(block, bn, x, z_prev, k_drop)
+        u_hat = jax.nn.softmax(logits) @ W  # Sec. 2.3.2: convex combination of embeddings
+        ce = cross_entropy(dense(params["classifier"], sample_q(k_T, u_y, ab[-1])), y)
+        return ce, jnp.mean(((u_hat - u_y) ** 2).sum(-1)), bn
+
+    ce, l2, state = jax.vmap(block_loss)(params["blocks"], state, jax.random.split(key, T), ab[:-1])
+    kl = jnp.mean(kl_z0(u_y, ab[0]))
+    L_t = ce + kl + 0.5 * T * eta * dsnr * l2
+    return L_t.sum(), (state, {"L_t": L_t, "ce": ce.mean(), "kl": kl, "l2": l2})
+
+
+def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True):
+    """Run Eq. 3 from z_0: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t.
+
+    `xs` is scanned alongside the coefficients (the stacked blocks for DT, the time grid for
+    CT). Returns z_T and the whole path (T, B, d). Deterministic: eps_t = 0.
+    """
+    eps = jax.random.normal(key, (sched["a"].shape[0],) + z0.shape) * stochastic
+
+    def step(z, inp):
+        xs_t, a, b, c, e = inp
+        z = a * u_hat_fn(xs_t, z) + b * z + jnp.sqrt(c) * e
+        return z, z
+
+    return jax.lax.scan(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps))
+
+
+def predict_dt(params, state, key, x, sched, stochastic=True):
+    """Class predictions from images alone: z_0 ~ N(0, I), Eq. 3 over the blocks, argmax p(y|z_T)."""
+    W = class_embeddings(params)
+    k0, k_eps = jax.random.split(key)
+    z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
+
+    def u_hat(block_and_bn, z):
+        return jax.nn.softmax(dt_block(*block_and_bn, x, z)[0]) @ W
+
+    zT, _ = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic)
+    return jnp.argmax(dense(params["classifier"], zT), -1)
+
+
+# --- Data and training utilities (shared by the three scripts) ---
+
+DATASETS = {"mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+            "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+
+
+def _read_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as e:
+        raise ValueError(f"{path}: missing array {e}; expected x_train, y_train, x_test, y_test")
+    except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})")
+
+
+def _read_tfds(name, data_dir, download):
+    """Both splits through tensorflow-datasets' array_record data source (no TensorFlow needed)."""
+    try:
+        import tensorflow_datasets as tfds
+        out = {}
+        for split in ("train", "test"):
+            src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+            items = [src[i] for i in range(len(src))]
+            out[f"x_{split}"] = np.stack([it["image"] for it in items])
+            out[f"y_{split}"] = np.array([it["label"] for it in items])
+        return out
+    except Exception as e:
+        hint = "" if download else " (pass --download to let it fetch the dataset)"
+        raise ValueError(f"{name}: no {name}.npz in {data_dir!r} and tensorflow-datasets could not "
+                         f"load it{hint}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+
+
+def load_dataset(name, data_dir=None, download=False):
+    """(x_train, y_train, x_test, y_test): float32 images in [0, 1] (N, H, W, C), int32 labels.
+
+    Reads {data_dir}/{name}.npz (uint8 x (N,H,W,C), y (N,)) when present, else a TFDS copy
+    prepared in data_dir (fetched first only if download=True: offline, a fetch would hang).
+    NOT SPECIFIED input normalisation: pixels / 255, nothing else. Raises ValueError on bad data.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    path = os.path.join(data_dir or ".", f"{name}.npz")
+    arrays = _read_npz(path) if os.path.isfile(path) else _read_tfds(name, data_dir, download)
+    shape, m = DATASETS[name]
+    out = []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"{name} {split}"
+        if x.ndim == 3 and shape[-1] == 1:
+            x = x[..., None]
+        if x.shape[1:] != shape or x.dtype != np.uint8:
+            raise ValueError(f"{where}: images are {x.dtype}{tuple(x.shape)}, expected uint8(N, {', '.join(map(str, shape))})")
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{where}: labels are {y.dtype}{tuple(y.shape)}, expected integer ({len(x)},)")
+        if len(y) and (y.min() < 0 or y.max() >= m):
+            raise ValueError(f"{where}: labels span {y.min()}..{y.max()}, expected 0..{m - 1}")
+        out += [x.astype(np.float32) / 255.0, y.astype(np.int32)]
+    return tuple(out)
+
+
+def train_step(params, state, opt_state, key, x, y, *, loss_fn, optimizer):
+    """One optimiser step on loss_fn(params, state, key, x, y) -> (loss, (state, aux))."""
+    (loss, (state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, key, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), state, opt_state, loss, aux
+
+
+def evaluate(predict, params, state, key, x, y, runs, chunk=1000):
+    """Test accuracy of `runs` independent inference runs (fresh z_0, eps each run).
+
+    predict(params, state, key, x) sees images only; labels are used here, for scoring only.
+    """
+    n = len(x)
+    pad = -n % chunk
+    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((-1, chunk) + x.shape[1:])
+    accs = []
+    for r in range(runs):
+        keys = jax.random.split(jax.random.fold_in(key, r), len(xs))
+        preds = jnp.concatenate([predict(params, state, k, xb) for k, xb in zip(keys, xs)])[:n]
+        accs.append(float(jnp.mean(preds == y)))
+    return accs
+
+
+def mean_stderr(values):
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+# --- Command line, checkpoints and the training loop (one code path for all variants) ---
+
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
+POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
+NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta")
+
+
+def parse_args(defaults, description, argv=None):
+    """argparse from a dict of defaults; bad values exit with a one-line usage error."""
+    p = argparse.ArgumentParser(description=description)
+    for k, v in defaults.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(v), default=v, choices=CHOICES.get(k))
+    args = p.parse_args(argv)
+    for k in POSITIVE:
+        if k in defaults and not getattr(args, k) > 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in NON_NEGATIVE:
+        if k in defaults and not getattr(args, k) >= 0:
+            p.error(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    return args
+
+
+def prepare_data(args):
+    """Load, apply --train-limit/--test-limit (first N examples), move to the device."""
+    try:
+        x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, args.download)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.train_limit:
+        x_tr, y_tr = x_tr[:args.train_limit], y_tr[:args.train_limit]
+    if args.test_limit:
+        x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
+    if len(x_tr) < args.batch_size:
+        sys.exit(f"error: {len(x_tr)} training examples is fewer than one batch of {args.batch_size}")
+    return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))
+
+
+def save_checkpoint(path, tree, meta):
+    """Write the pytree's leaves and a JSON `meta` to `path` (.npz, no pickle), atomically."""
+    arrays = {jax.tree_util.keystr(k): np.asarray(v)
+              for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)  # a kill at any moment leaves the last complete file
+
+
+def load_checkpoint(path, template, expect):
+    """Read a checkpoint into the structure of `template`; refuse mismatches with ValueError."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    for k, v in expect.items():
+        if meta.get(k) != v:
+            raise ValueError(f"{path}: checkpoint has {k}={meta.get(k)!r}, this run has {v!r}")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for kp, ref in leaves:
+        name, a = jax.tree_util.keystr(kp), arrays.get(jax.tree_util.keystr(kp))
+        if a is None or a.shape != np.shape(ref) or a.dtype != np.asarray(ref).dtype:
+            got = "missing" if a is None else f"{a.dtype}{a.shape}"
+            raise ValueError(f"{path}: {name} is {got}, expected {np.asarray(ref).dtype}{np.shape(ref)}")
+        out.append(jnp.asarray(a))
+    return jax.tree_util.tree_unflatten(treedef, out), meta
+
+
+def progress(i, n, t0, quiet):
+    """One-line progress bar with ETA on stderr (--quiet turns it off)."""
+    if quiet:
+        return
+    done = (i + 1) / n
+    eta = (time.time() - t0) / done * (1 - done)
+    line = f"  [{'#' * int(30 * done):<30}] {i + 1}/{n} eta {eta:4.0f}s"
+    print("\r" + (line if i + 1 < n else " " * len(line) + "\r"), end="", file=sys.stderr, flush=True)
+
+
+@jax.jit
+def get_batch(x, y, batches, i):
+    """Batch i of an epoch, gathered on the device. batches: (steps, B) example indices."""
+    return x[batches[i]], y[batches[i]]
+
+
+def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
+    """Train for args.epochs, evaluate, checkpoint and write JSON each epoch. Returns the record.
+
+    Randomness depends only on (seed, epoch, step), so a resumed run repeats an uninterrupted one.
+    """
+    x_tr, y_tr, x_te, y_te = data
+    k_train, k_eval = jax.random.split(key)
+    B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
+    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer))
+    tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
+    ident = {k: getattr(args, k) for k in ("dataset", "embedding", "seed", "batch_size", "train_limit")}
+    ident["variant"] = variant
+    ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
+    record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "history": [], "train_seconds": 0.0}
+    if args.resume and os.path.exists(ckpt):
+        try:
+            tree, meta = load_checkpoint(ckpt, tree, ident)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        record.update(history=meta["history"], train_seconds=meta["train_seconds"])
+        print(f"resumed from {ckpt} after epoch {len(record['history'])}")
+    for epoch in range(len(record["history"]), args.epochs):
+        k_epoch = jax.random.fold_in(k_train, epoch)
+        batches = jax.random.permutation(k_epoch, len(x_tr))[:steps * B].reshape(steps, B)
+        keys = jax.random.split(jax.random.fold_in(k_epoch, 1), steps)
+        t0, losses, auxes = time.time(), [], []
+        for i in range(steps):
+            xb, yb = get_batch(x_tr, y_tr, batches, i)
+            *new, loss, aux = step(tree["params"], tree["state"], tree["opt_state"], keys[i], xb, yb)
+            losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
+            tree = dict(zip(("params", "state", "opt_state"), new))
+            progress(i, steps, t0, args.quiet)
+        check_finite(epoch, jnp.stack(losses), jax.tree.map(lambda *a: jnp.stack(a), *auxes), tree, ckpt)
+        seconds = time.time() - t0
+        last = epoch + 1 == args.epochs
+        accs = evaluate(predict, tree["params"], tree["state"], k_eval, x_te, y_te, args.eval_runs if last else 1)
+        record["train_seconds"] += seconds
+        record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),
+                                  "train_seconds": seconds, "images_per_s": steps * B / seconds,
+                                  "test_acc": float(np.mean(accs))})
+        print(f"epoch {epoch + 1:3d}  loss {record['history'][-1]['loss']:.4f}  train {seconds:6.1f}s  "
+              f"{steps * B / seconds:6.0f} img/s  test acc {100 * np.mean(accs):.2f}%", flush=True)
+        if last:
+            mean, se = mean_stderr(accs)
+            record.update(epochs=args.epochs, test_accs=accs, test_acc_mean=mean, test_acc_stderr=se)
+            print(f"test accuracy over {len(accs)} inference runs: {100 * mean:.2f} +- {100 * se:.2f} (s.e.)")
+        if ckpt:
+            save_checkpoint(ckpt, tree, {**ident, "history": record["history"],
+                                         "train_seconds": record["train_seconds"]})
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
+    return record, tree
+
+
+def check_finite(epoch, losses, aux, tree, ckpt):
+    """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
+    ok = jnp.isfinite(losses)
+    params_ok = all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(tree["params"]))
+    if bool(ok.all()) and params_ok:
+        return
+    i = int(jnp.argmin(ok)) if not bool(ok.all()) else len(losses) - 1
+    bad = [k for k, v in aux.items() if not bool(jnp.isfinite(v[i]).all())] or ["parameters"]
+    kept = f"; last good checkpoint kept at {ckpt}" if ckpt else ""
+    sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {i + 1} (bad: {', '.join(bad)}){kept}")

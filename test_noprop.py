@@ -1,0 +1,241 @@
+"""Semantic tests for noprop: each names the equation or pitfall (peers.md P1-P14) it pins."""
+import inspect
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import noprop
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "shared", "data")
+needs_mnist = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "mnist.npz")),
+                                 reason="../shared/data/mnist.npz not present")
+KEY = jax.random.PRNGKey(0)
+TINY = (16, 16, 1)  # smallest image the valid-conv stack accepts: 16 -> 14 -> 7 -> 5 -> 3 -> 1
+
+
+def random_schedule(key, T):
+    """An arbitrary increasing alpha_bar in (0, 1), to test the formulas beyond the cosine."""
+    return noprop.schedule_from_alpha_bar(jnp.sort(jax.random.uniform(key, (T + 1,), minval=0.01, maxval=0.99)))
+
+
+# --- Schedule and q (P1, P2, P6) ---
+
+def test_p1_schedule_runs_noise_to_label_with_positive_weights():
+    s = noprop.cosine_schedule(10)
+    ab = np.asarray(s["alpha_bar"])
+    assert np.all(np.diff(ab) > 0) and 0 < ab[0] < 0.01 and 0.99 < ab[-1] < 1
+    assert np.all(np.diff(np.asarray(s["snr"])) > 0)  # every (T/2) eta dSNR(t) weight > 0
+    assert np.all(np.asarray(s["a"]) > 0) and np.all(np.asarray(s["c"]) > 0)
+
+
+def test_eq6_alpha_bar_is_product_from_t_to_T():
+    s = noprop.cosine_schedule(10)
+    prods = [np.prod(np.asarray(s["alpha"])[t:]) for t in range(11)]
+    np.testing.assert_allclose(prods, s["alpha_bar"], rtol=1e-5)
+
+
+def test_p2_q_samples_have_the_variance_preserving_moments():
+    u = jnp.array([1.0, 0.0, -2.0, 0.5])
+    for ab in (0.05, 0.5, 0.95):
+        z = noprop.sample_q(KEY, jnp.broadcast_to(u, (200_000, 4)), ab)
+        np.testing.assert_allclose(z.mean(0), np.sqrt(ab) * u, atol=0.01)
+        np.testing.assert_allclose(z.var(0), 1 - ab, rtol=0.02)
+
+
+@pytest.mark.parametrize("sched", [noprop.cosine_schedule(10), random_schedule(KEY, 7)])
+def test_p6_a_b_c_are_the_gaussian_posterior(sched):
+    """q(z_t|z_{t-1},y) from q(z_{t-1}|z_t) = N(sqrt(al_{t-1}) z_t, 1-al_{t-1}) and q(z_t|y) (Eqs. 5-6)."""
+    ab, al = np.asarray(sched["alpha_bar"], np.float64), np.asarray(sched["alpha"], np.float64)
+    prec = al[:-1] / (1 - al[:-1]) + 1 / (1 - ab[1:])  # posterior precision of z_t
+    np.testing.assert_allclose(sched["c"], 1 / prec, rtol=1e-4)
+    np.testing.assert_allclose(sched["a"], np.sqrt(ab[1:]) / (1 - ab[1:]) / prec, rtol=1e-4)
+    np.testing.assert_allclose(sched["b"], np.sqrt(al[:-1]) / (1 - al[:-1]) / prec, rtol=1e-4)
+    # App. A.4: the KL between Eq. 3 steps is a_t^2/(2 c_t) |u_hat - u|^2 = (SNR(t) - SNR(t-1))/2 |.|^2
+    np.testing.assert_allclose(np.asarray(sched["a"]) ** 2 / sched["c"], np.diff(sched["snr"]), rtol=1e-3)
+
+
+def test_kl_z0_matches_the_gaussian_kl():
+    u, ab0 = jnp.array([[0.3, -1.0, 2.0]]), 0.2
+    mu, var = np.sqrt(ab0) * u, 1 - ab0
+    expected = 0.5 * np.sum(var + mu ** 2 - 1 - np.log(var))
+    np.testing.assert_allclose(noprop.kl_z0(u, ab0), [expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("sched", [noprop.cosine_schedule(10), random_schedule(KEY, 5)])
+def test_p6_oracle_chain_reproduces_q_marginals_and_ends_at_label(sched):
+    """With u_hat = u_y, Eq. 3 from z_0 ~ N(0, I) must give z_t ~ q(z_t|y) at every t."""
+    u = jnp.array([1.0, -1.0, 0.5])
+    n, T = 100_000, sched["a"].shape[0]
+    k0, k1 = jax.random.split(KEY)
+    z0 = noprop.sample_q(k0, jnp.broadcast_to(u, (n, 3)), sched["alpha_bar"][0])
+    _, path = noprop.eq3_chain(k1, z0, sched, lambda _, z: u, jnp.arange(T))
+    ab = np.asarray(sched["alpha_bar"][1:])[:, None]
+    np.testing.assert_allclose(path.mean(1), np.sqrt(ab) * u, atol=0.015)
+    np.testing.assert_allclose(path.var(1), np.broadcast_to(1 - ab, (T, 3)), atol=0.015)
+
+
+# --- Layers and architecture (valid convs, exact parameter counts) ---
+
+def test_conv_and_pool_match_lax():
+    x = jax.random.normal(KEY, (2, 9, 7, 3))
+    p = noprop.init_conv(KEY, 3, 5)
+    ref = jax.lax.conv_general_dilated(x, p["W"], (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b"]
+    np.testing.assert_allclose(noprop.conv3x3(p, x), ref, atol=1e-5)
+    ref = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    np.testing.assert_array_equal(noprop.maxpool2(x), ref)
+
+
+def test_batchnorm_train_and_eval_modes_and_dropout():
+    p, s = noprop.init_batchnorm(3)
+    x = jax.random.normal(KEY, (64, 3)) * 4 + 2
+    y, s1 = noprop.batchnorm(p, s, x, train=True)
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(s1["mean"], 0.1 * x.mean(0), rtol=1e-5)  # momentum 0.1
+    y_eval, s2 = noprop.batchnorm(p, s1, x, train=False)
+    assert s2 is s1 and not np.allclose(y_eval, y)  # eval uses running statistics
+    assert noprop.dropout(None, x) is x
+    kept = noprop.dropout(KEY, jnp.ones(100_000))
+    assert abs(float((kept == 0).mean()) - 0.2) < 0.01 and abs(float(kept.mean()) - 1) < 0.01
+
+
+@pytest.mark.parametrize("dataset,embedding,count", [
+    ("mnist", "onehot", 919_946), ("mnist", "dim20", 922_506), ("mnist", "prototype", 1_401_738),
+    ("cifar10", "onehot", 1_215_434), ("cifar10", "dim20", 1_217_994), ("cifar10", "prototype", 1_992_714),
+    ("cifar100", "onehot", 1_250_084), ("cifar100", "dim20", 1_229_604), ("cifar100", "prototype", 2_004_324)])
+def test_dt_block_parameter_counts_match_paper(dataset, embedding, count):
+    shape, m = noprop.DATASETS[dataset]
+    d = noprop.embedding_dim(embedding, shape, m)
+    p, _ = jax.eval_shape(lambda k: noprop.init_dt_block(k, shape, d, m), KEY)
+    assert noprop.count_params(p) == count
+
+
+def test_embeddings_orthogonal_and_medoid():
+    W = noprop.init_embedding(KEY, "dim20", 10, (28, 28, 1))
+    np.testing.assert_allclose(W @ W.T, np.eye(10), atol=1e-5)
+    x = np.array([[0.0], [1.0], [1.1], [5.0], [3.0], [3.2], [9.0]]).reshape(7, 1, 1, 1)
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(noprop.medoid_images(x, y, 2)[:, 0], [1.0, 3.2])
+
+
+# --- DT objective (P5, P9) ---
+
+def tiny_dt(T=3, embedding="onehot"):
+    params, state = noprop.init_dt(KEY, TINY, 4, embedding, T)
+    x = jax.random.uniform(KEY, (8,) + TINY)
+    return params, state, x, jnp.arange(8) % 4, noprop.cosine_schedule(T)
+
+
+def test_p5_block_t_loss_has_zero_gradient_for_every_other_block():
+    params, state, x, y, sched = tiny_dt()
+    jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched)[1][1]["L_t"]))(params)
+    for t in range(3):  # jac leaves: (L_t index, block index, ...)
+        for s in range(3):
+            norm = sum(float(jnp.abs(leaf[t, s]).sum()) for leaf in jax.tree.leaves(jac["blocks"]))
+            assert (norm > 0) == (s == t), (t, s, norm)
+        assert float(jnp.abs(jac["classifier"]["W"][t]).sum()) > 0  # shared head: trained by every L_t
+
+
+def test_p9_eq8_weight_is_T_over_2_eta_dsnr_times_squared_error_summed_over_dims():
+    params, state, x, y, sched = tiny_dt()
+    c = jnp.array([0.5, -1.0, 2.0, 0.0])  # make every block output the same logits c
+    params["blocks"]["out"] = {"W": jnp.zeros_like(params["blocks"]["out"]["W"]),
+                               "b": jnp.broadcast_to(c, (3, 4))}
+    loss = jax.jit(lambda p, eta: noprop.loss_dt(p, state, KEY, x, y, sched, eta)[0])
+    l_eta, l_0 = loss(params, 0.3), loss(params, 0.0)
+    sq = np.mean(np.sum((np.asarray(jax.nn.softmax(c)) - np.eye(4)[np.asarray(y)]) ** 2, -1))
+    expected = sum(3 / 2 * 0.3 * float(sched["snr"][t] - sched["snr"][t - 1]) * sq for t in (1, 2, 3))
+    np.testing.assert_allclose(l_eta - l_0, expected, rtol=1e-4)
+
+
+def test_learned_embedding_gets_gradient():
+    params, state, x, y, sched = tiny_dt(embedding="dim20")
+    g = jax.jit(jax.grad(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched)[0]))(params)
+    assert float(jnp.abs(g["W_embed"]).sum()) > 0
+
+
+# --- Evaluation sees only images (P4) ---
+
+def test_p4_prediction_functions_take_no_labels():
+    for fn in (noprop.predict_dt,):
+        assert not {"y", "labels", "y_test"} & set(inspect.signature(fn).parameters)
+
+
+# --- End to end on real MNIST (P3, P4, P14): learns, and the ablations hurt ---
+
+@needs_mnist
+def test_dt_learns_mnist_slice_and_ablations_hurt(tmp_path):
+    import train_dt
+    out = tmp_path / "dt.json"
+    # T=2 and lr 2e-3 keep this under a minute: the classifier p(y|z_T) needs ~250 such steps
+    record, tree = train_dt.main(["--data-dir", DATA, "--T", "2", "--batch-size", "32", "--epochs", "4",
+                                  "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
+                                  "--eval-runs", "2", "--quiet", "--out", str(out)])
+    assert out.exists() and record["test_acc_mean"] > 0.7, record  # chance is 0.1
+    _, _, x_te, y_te = noprop.load_dataset("mnist", DATA)
+    x_te, y_te = x_te[:500], y_te[:500]
+    params, state, sched = tree["params"], tree["state"], noprop.cosine_schedule(2)
+
+    def acc(p, s, labels=y_te):
+        return float(jnp.mean(noprop.predict_dt(p, state, KEY, x_te, s) == labels))
+
+    assert acc(params, sched) > 0.7
+    assert acc(params, sched, np.random.default_rng(0).permutation(y_te)) < 0.2  # shuffled labels
+    assert acc({**params, "W_embed": jnp.zeros((10, 10))}, sched) < 0.3  # P3: zero embedding
+    assert acc(params, {**sched, "a": jnp.zeros(2)}) < 0.3  # P3: chain without the model
+
+
+# --- Data loading and command-line errors ---
+
+def write_npz(path, **over):
+    arrays = dict(x_train=np.zeros((4, 28, 28, 1), np.uint8), y_train=np.arange(4, dtype=np.uint8),
+                  x_test=np.zeros((2, 28, 28, 1), np.uint8), y_test=np.arange(2, dtype=np.uint8))
+    arrays.update(over)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(y_train=np.array([0, 1, 2, 10], np.uint8)), "labels span 0..10"),
+    (dict(x_train=np.zeros((4, 28, 28, 3), np.uint8)), "expected uint8(N, 28, 28, 1)"),
+    (dict(x_test=np.zeros((2, 28, 28, 1), np.float64)), "images are float64"),
+    (dict(y_test=np.arange(3)), "expected integer (2,)")])
+def test_bad_dataset_files_are_refused(tmp_path, over, message):
+    write_npz(tmp_path / "mnist.npz", **over)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        noprop.load_dataset("mnist", str(tmp_path))
+
+
+def test_good_npz_loads_and_corrupt_or_unknown_is_refused(tmp_path):
+    write_npz(tmp_path / "mnist.npz")
+    x, y, _, _ = noprop.load_dataset("mnist", str(tmp_path))
+    assert x.dtype == np.float32 and x.shape == (4, 28, 28, 1) and list(y) == [0, 1, 2, 3]
+    (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        noprop.load_dataset("mnist", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        noprop.load_dataset("imagenet", str(tmp_path))
+
+
+def test_tfds_branch_offline_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        x, y, x_te, y_te = noprop.load_dataset("mnist", str(tmp_path))
+    assert x.shape == (6, 28, 28, 1) and 0 <= x.min() and x.max() <= 1 and y.max() < 10
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--data-dir", "/nonexistent", "--dataset", "cifar100"], "error: cifar100: no cifar100.npz"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--data-dir", DATA, "--train-limit", "10"], "fewer than one batch")])
+def test_cli_errors_are_one_line_without_traceback(argv, message):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_dt.py")] + argv,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
