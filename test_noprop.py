@@ -3,6 +3,7 @@ import inspect
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,9 @@ DATA = os.path.join(HERE, "..", "shared", "data")
 needs_mnist = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "mnist.npz")),
                                  reason="../shared/data/mnist.npz not present")
 KEY = jax.random.PRNGKey(0)
+# the tiny training runs below compile the same programs again; share them through jax's disk cache
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "noprop-test-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 TINY = (16, 16, 1)  # smallest image the valid-conv stack accepts: 16 -> 14 -> 7 -> 5 -> 3 -> 1
 
 
@@ -239,3 +243,42 @@ def test_cli_errors_are_one_line_without_traceback(argv, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train_dt.py")] + argv,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- Checkpoints, resume and the NaN guard (one code path: noprop.fit) ---
+
+def tiny_run(tmp_path, *extra):
+    rng = np.random.default_rng(0)
+    if not (tmp_path / "mnist.npz").exists():
+        write_npz(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (96, 28, 28, 1), dtype=np.uint8),
+                  y_train=rng.integers(0, 10, 96).astype(np.uint8), y_test=np.arange(2, dtype=np.uint8))
+    import train_dt
+    return train_dt.main(["--data-dir", str(tmp_path), "--T", "1", "--batch-size", "32",
+                          "--eval-runs", "1", "--quiet"] + list(extra))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    ck = str(tmp_path / "ck")
+    _, full = tiny_run(tmp_path, "--epochs", "2")
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck)
+    record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume")
+    assert len(record["history"]) == 2
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_or_damaged_checkpoints_are_refused(tmp_path):
+    ck = tmp_path / "ck"
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(ck))
+    with pytest.raises(SystemExit, match="checkpoint has embedding='onehot', this run has 'dim20'"):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--embedding", "dim20")
+    data = (ck / "checkpoint.npz").read_bytes()
+    (ck / "checkpoint.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume")
+
+
+def test_nan_guard_names_epoch_step_and_term_and_keeps_last_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch \d+, step \d+ \(bad: .+\); last good"):
+        tiny_run(tmp_path, "--epochs", "20", "--lr", "1e9", "--checkpoint-dir", str(ck))
