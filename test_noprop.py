@@ -167,7 +167,7 @@ def test_learned_embedding_gets_gradient():
 # --- Evaluation sees only images (P4) ---
 
 def test_p4_prediction_functions_take_no_labels():
-    for fn in (noprop.predict_dt,):
+    for fn in (noprop.predict_dt, noprop.predict_ct):
         assert not {"y", "labels", "y_test"} & set(inspect.signature(fn).parameters)
 
 
@@ -193,6 +193,124 @@ def test_dt_learns_mnist_slice_and_ablations_hurt(tmp_path):
     assert acc(params, sched, np.random.default_rng(0).permutation(y_te)) < 0.2  # shuffled labels
     assert acc({**params, "W_embed": jnp.zeros((10, 10))}, sched) < 0.3  # P3: zero embedding
     assert acc(params, {**sched, "a": jnp.zeros(2)}) < 0.3  # P3: chain without the model
+
+
+@needs_mnist
+def test_ct_learns_mnist_slice_without_collapse_at_few_steps_and_zero_embedding_hurts():
+    import train_ct
+    record, tree = train_ct.main(["--data-dir", DATA, "--batch-size", "32", "--epochs", "4", "--lr", "2e-3",
+                                  "--train-limit", "2048", "--test-limit", "500", "--steps", "20",
+                                  "--eval-runs", "1", "--quiet"])
+    _, _, x_te, y_te = noprop.load_dataset("mnist", DATA)
+    x_te, y_te, params = x_te[:500], y_te[:500], tree["params"]
+
+    def acc(p, steps):
+        return float(jnp.mean(noprop.predict_ct(p, {}, KEY, x_te, steps) == y_te))
+
+    # 256 steps: CT's SNR'(t) weighting learns the image path slowly (about 38 % here; chance is 10 %)
+    assert record["test_acc_mean"] > 0.25 and acc(params, 5) > 0.2, record  # P7: no collapse at 5 steps
+    assert acc({**params, "W_embed": jnp.zeros((10, 10))}, 20) < 0.16  # P3
+
+
+@needs_mnist
+def test_fm_dim20_learns_mnist_slice_and_embedding_does_not_collapse():
+    import train_fm
+    record, tree = train_fm.main(["--data-dir", DATA, "--embedding", "dim20", "--batch-size", "32",
+                                  "--epochs", "4", "--lr", "2e-3", "--train-limit", "2048",
+                                  "--test-limit", "500", "--steps", "20", "--eval-runs", "1", "--quiet"])
+    W = np.asarray(tree["params"]["W_embed"])
+    dists = np.linalg.norm(W[:, None] - W[None], axis=-1)[~np.eye(10, dtype=bool)]
+    assert record["test_acc_mean"] > 0.4, record  # chance 0.1 (about 0.58 here after 256 steps)
+    assert np.linalg.norm(W, axis=1).min() > 0.5 and dists.min() > 0.5  # init: unit rows, distance sqrt(2)
+
+
+# --- NoProp-CT: learned schedule (P8), Eq. 9 (P10), inference (P7) ---
+
+@pytest.mark.parametrize("dataset,embedding,count", [
+    ("mnist", "onehot", 867_722), ("mnist", "dim20", 870_282), ("mnist", "prototype", 1_482_122),
+    ("cifar10", "onehot", 1_163_210), ("cifar10", "dim20", 1_165_770), ("cifar10", "prototype", 2_073_098),
+    ("cifar100", "onehot", 1_197_860), ("cifar100", "dim20", 1_177_380), ("cifar100", "prototype", 2_084_708)])
+def test_ct_model_parameter_counts_match_paper(dataset, embedding, count):
+    shape, m = noprop.DATASETS[dataset]
+    d = noprop.embedding_dim(embedding, shape, m)
+    assert noprop.count_params(jax.eval_shape(lambda k: noprop.init_ct_model(k, shape, d, m), KEY)) == count
+
+
+def test_p8_learned_schedule_is_monotone_for_any_parameters():
+    t = jnp.linspace(0.0, 1.0, 201)
+    p0 = noprop.init_gamma(KEY)
+    ab = noprop.alpha_bar_ct(p0, t)
+    assert float(ab[0]) < 0.02 and float(ab[-1]) > 0.98  # endpoints after init
+    for i in range(20):  # arbitrary, large parameter values: still increasing alpha_bar and SNR
+        k = jax.random.fold_in(KEY, i)
+        p = jax.tree.map(lambda a, kk: 5 * jax.random.normal(kk, a.shape), p0,
+                         dict(zip(p0, jax.random.split(k, len(p0)))))
+        assert bool(jnp.all(noprop.snr_prime(p, t) > 0)) and bool(jnp.all(jnp.diff(noprop.alpha_bar_ct(p, t)) >= 0))
+
+
+def test_snr_prime_matches_finite_differences():
+    p, t, h = noprop.init_gamma(KEY), jnp.linspace(0.05, 0.95, 19), 1e-3
+    fd = (jnp.exp(-noprop.gamma(p, t + h)) - jnp.exp(-noprop.gamma(p, t - h))) / (2 * h)
+    np.testing.assert_allclose(noprop.snr_prime(p, t), fd, rtol=2e-2)
+
+
+def test_p10_cross_entropy_takes_logits_not_probabilities():
+    logits = 50.0 * jnp.eye(4)  # confidently right: CE ~ 0; a double softmax would give ~0.74
+    assert float(noprop.cross_entropy(logits, jnp.arange(4))) < 1e-6
+
+
+def test_ct_schedule_classifier_and_model_all_get_gradients():
+    params, _ = noprop.init_ct(KEY, TINY, 4, "dim20")
+    x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
+    g = jax.jit(jax.grad(lambda p: noprop.loss_ct(p, {}, KEY, x, y)[0]))(params)
+    for part in ("schedule", "model", "classifier", "W_embed"):
+        assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(g[part]))
+        assert sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(g[part])) > 0, part
+
+
+@pytest.mark.parametrize("steps", [10, 1000])
+def test_ct_oracle_chain_ends_at_the_label(steps):
+    u = jnp.array([1.0, 0.0, 0.0])
+    sched = noprop.ct_grid_schedule(noprop.init_gamma(KEY), steps)
+    z0 = jax.random.normal(KEY, (20_000, 3))
+    zT, path = noprop.eq3_chain(jax.random.fold_in(KEY, 1), z0, sched, lambda _, z: u, jnp.arange(steps))
+    ab = sched["alpha_bar"]
+    np.testing.assert_allclose(zT.mean(0), np.sqrt(ab[-1]) * u, atol=0.01)
+    assert float(zT.var(0).max()) < 1.5 * (1 - float(ab[-1]))
+    np.testing.assert_allclose(path[steps // 2].var(0), 1 - ab[steps // 2 + 1], rtol=0.05)
+
+
+def test_ct_inference_computes_image_features_once():
+    params, _ = noprop.init_ct(KEY, TINY, 4)
+    jaxpr = jax.make_jaxpr(lambda x: noprop.predict_ct(params, {}, KEY, x, steps=5))(jnp.zeros((2,) + TINY))
+    scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
+    body = [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns]
+    assert body.count("dot_general") == 6  # label, time, head1, head2, out, @ W_embed; no conv or image FC
+
+
+# --- NoProp-FM ---
+
+@pytest.mark.parametrize("steps", [1, 7, 1000])
+def test_fm_euler_with_oracle_velocity_lands_on_the_label(steps):
+    z0, u = jax.random.normal(KEY, (5, 3)), jnp.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(noprop.euler_chain(z0, lambda t, z: u - z0, steps), jnp.broadcast_to(u, (5, 3)),
+                               atol=1e-4)
+
+
+def test_fm_anchor_term_exactly_when_embedding_is_learnable():
+    x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
+    for embedding, anchored in (("onehot", False), ("dim20", True)):
+        params, _ = noprop.init_ct(KEY, TINY, 4, embedding)
+        loss, (_, aux) = noprop.loss_fm(params, {}, KEY, x, y)
+        g = jax.grad(lambda p: noprop.loss_fm(p, {}, KEY, x, y)[0])(params)
+        assert ("ce" in aux) == anchored
+        assert (float(jnp.abs(g["classifier"]["W"]).sum()) > 0) == anchored
+
+
+def test_nearest_embedding_readout():
+    W = jnp.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    z = jnp.array([[2.0, 0.2], [0.1, -0.3], [0.4, 2.0]])
+    np.testing.assert_array_equal(noprop.nearest_embedding(z, W), [1, 0, 2])
 
 
 # --- Data loading and command-line errors ---
