@@ -644,6 +644,14 @@ def prepare_data(args):
     return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))
 
 
+def setup(defaults, description, argv=None):
+    """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
+    args = parse_args(defaults, description, argv)
+    data = prepare_data(args)
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
+    return args, data, DATASETS[args.dataset], k_init, k_run
+
+
 def save_checkpoint(path, tree, meta):
     """Write the pytree's leaves and a JSON `meta` to `path` (.npz, no pickle), atomically."""
     arrays = {jax.tree_util.keystr(k): np.asarray(v)

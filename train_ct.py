@@ -20,10 +20,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT row
 
 
 def main(argv=None):
-    args = noprop.parse_args(DEFAULTS, __doc__, argv)
-    data = noprop.prepare_data(args)
-    image_shape, m = noprop.DATASETS[args.dataset]
-    k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
+    args, data, (image_shape, m), k_init, k_run = noprop.setup(DEFAULTS, __doc__, argv)
     params, state = noprop.init_ct(k_init, image_shape, m, args.embedding, *data[:2])
     print(f"NoProp-CT {args.dataset} {args.embedding}: model of {noprop.count_params(params['model']):,} "
           f"parameters, {len(data[0])} train / {len(data[2])} test images, {args.steps} inference steps")

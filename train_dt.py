@@ -23,10 +23,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT row
 
 
 def main(argv=None):
-    args = noprop.parse_args(DEFAULTS, __doc__, argv)
-    data = noprop.prepare_data(args)
-    image_shape, m = noprop.DATASETS[args.dataset]
-    k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
+    args, data, (image_shape, m), k_init, k_run = noprop.setup(DEFAULTS, __doc__, argv)
     params, state = noprop.init_dt(k_init, image_shape, m, args.embedding, args.T, *data[:2])
     sched = noprop.cosine_schedule(args.T)
     print(f"NoProp-DT {args.dataset} {args.embedding}: T={args.T} blocks of "
