@@ -1,0 +1,45 @@
+"""Test accuracy and time against inference steps for a trained CT or FM checkpoint.
+
+python results/steps_sweep.py CHECKPOINT.npz --data-dir ../shared/data --out results/ct_steps.json
+"""
+import argparse, functools, json, os, sys, time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import noprop  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("checkpoint")
+p.add_argument("--data-dir", default="data")
+p.add_argument("--steps", default="10,20,40,100,1000")
+p.add_argument("--eval-runs", type=int, default=5)
+p.add_argument("--out", default="")
+args = p.parse_args()
+with np.load(args.checkpoint, allow_pickle=False) as f:
+    meta = json.loads(str(f["__meta__"]))
+if meta["variant"] not in ("ct", "fm"):
+    sys.exit(f"error: {args.checkpoint} is a {meta['variant']} checkpoint; this sweep is for ct and fm")
+x_tr, y_tr, x_te, y_te = noprop.load_dataset(meta["dataset"], args.data_dir)
+shape, m = noprop.DATASETS[meta["dataset"]]
+k_init, k_run = jax.random.split(jax.random.PRNGKey(meta["seed"]))
+params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x_tr, y_tr)
+template = {"params": params, "state": state, "opt_state": noprop.adam_l2(1e-3, 1e-3, params).init(params)}
+tree, _ = noprop.load_checkpoint(args.checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+predict_fn = noprop.predict_ct if meta["variant"] == "ct" else noprop.predict_fm
+k_eval = jax.random.split(k_run)[1]  # the key fit() evaluates with
+rows = []
+for steps in map(int, args.steps.split(",")):
+    predict = jax.jit(functools.partial(predict_fn, steps=steps))
+    noprop.evaluate(predict, tree["params"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
+    t0 = time.time()
+    accs = noprop.evaluate(predict, tree["params"], {}, k_eval, x_te, y_te, args.eval_runs)
+    seconds = (time.time() - t0) / args.eval_runs
+    mean, se = noprop.mean_stderr(accs)
+    rows.append({"steps": steps, "test_accs": accs, "mean": mean, "stderr": se, "seconds_per_run": seconds})
+    print(f"{steps:5d} steps: {100 * mean:.2f} +- {100 * se:.2f} %  ({seconds:.1f} s per run of {len(x_te)} images)", flush=True)
+if args.out:
+    with open(args.out, "w") as f:
+        json.dump({"checkpoint_meta": {k: v for k, v in meta.items() if k != "history"}, "epochs": len(meta["history"]),
+                   "rows": rows}, f, indent=1)
