@@ -718,7 +718,9 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
     ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
     record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "history": [], "train_seconds": 0.0}
-    if args.resume and os.path.exists(ckpt):
+    if args.resume and not os.path.exists(ckpt):
+        print(f"no checkpoint at {ckpt} yet: starting from scratch")
+    elif args.resume:
         try:
             tree, meta = load_checkpoint(ckpt, tree, ident)
         except ValueError as e:
