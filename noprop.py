@@ -323,6 +323,48 @@ def predict_dt(params, state, key, x, sched, stochastic=True):
     return jnp.argmax(dense(params["classifier"], zT), -1)
 
 
+# --- Backprop baseline (Eqs. 17-19): the same T blocks chained end to end, trained by backprop ---
+
+BACKPROP_A_INIT = 0.5  # NOT SPECIFIED: a_t = tanh(w_t) at init (a_t = 0 would give the blocks no gradient)
+
+
+def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
+    """init_dt plus the mixing weights w_t of Eq. 18."""
+    params, state = init_dt(key, image_shape, m, embedding, T, x, y)
+    params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT))
+    return params, state
+
+
+def backprop_chain(params, state, x, z0, drop_keys=None):
+    """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
+
+    drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
+    """
+    W = class_embeddings(params)
+
+    def step(z, inp):
+        block, bn, w, k = inp
+        logits, bn = dt_block(block, bn, x, z, k)
+        return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
+
+    return jax.lax.scan(step, z0, (params["blocks"], state, params["w"], drop_keys))
+
+
+def loss_backprop(params, state, key, x, y):
+    """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
+    k0, k_drop = jax.random.split(key)
+    z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
+    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]))
+    ce = cross_entropy(dense(params["classifier"], zT), y)
+    return ce, (state, {"ce": ce})
+
+
+def predict_backprop(params, state, key, x):
+    """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
+    z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
+    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0)[0]), -1)
+
+
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
 
 # NOT SPECIFIED: gamma_0, gamma_1 at init, so alpha_bar(0) = 0.018 and alpha_bar(1) = 0.982. A wider
@@ -603,7 +645,8 @@ def mean_stderr(values):
 
 # --- Command line, checkpoints and the training loop (one code path for all variants) ---
 
-CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
+           "method": ["noprop", "backprop"]}
 POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
 NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta")
 

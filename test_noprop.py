@@ -1,4 +1,5 @@
 """Semantic tests for noprop: each names the equation or pitfall (peers.md P1-P14) it pins."""
+import functools
 import inspect
 import os
 import subprocess
@@ -8,6 +9,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import noprop
@@ -165,10 +167,26 @@ def test_p9_eq8_weight_is_T_over_2_eta_dsnr_times_squared_error_summed_over_dims
     np.testing.assert_allclose(l_eta - l_0, expected, rtol=1e-4)
 
 
+def test_backprop_baseline_sends_gradient_through_every_block_and_learns_a_batch():
+    params, state = noprop.init_backprop(KEY, TINY, 4, T=3)
+    x, y = jax.random.uniform(KEY, (16,) + TINY), jnp.arange(16) % 4
+    g = jax.jit(jax.grad(lambda p: noprop.loss_backprop(p, state, KEY, x, y)[0]))(params)
+    for s in range(3):  # unlike NoProp (P5): the one loss reaches every block and every w_t
+        assert sum(float(jnp.abs(leaf[s]).sum()) for leaf in jax.tree.leaves(g["blocks"])) > 0
+    assert bool(jnp.all(g["w"] != 0))
+    opt = optax.adamw(1e-2)
+    step = jax.jit(functools.partial(noprop.train_step, loss_fn=noprop.loss_backprop, optimizer=opt))
+    tree, losses = (params, state, opt.init(params)), []
+    for i in range(200):  # fit one batch end to end: the chain is trainable by ordinary backprop
+        *tree, loss, _ = step(*tree, jax.random.fold_in(KEY, i), x, y)
+        losses.append(float(loss))
+    assert np.mean(losses[-10:]) < 0.5 * losses[0], losses[::20]  # from ~ln 4 to ~0.4-0.5 here
+
+
 # --- Evaluation sees only images (P4) ---
 
 def test_p4_prediction_functions_take_no_labels():
-    for fn in (noprop.predict_dt, noprop.predict_ct):
+    for fn in (noprop.predict_dt, noprop.predict_ct, noprop.predict_fm, noprop.predict_backprop):
         assert not {"y", "labels", "y_test"} & set(inspect.signature(fn).parameters)
 
 
@@ -347,6 +365,7 @@ def test_tfds_branch_offline_with_mock_data(tmp_path):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--data-dir", "/nonexistent", "--dataset", "cifar100"], "error: cifar100: no cifar100.npz"),
     (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--method", "sgd"], "invalid choice: 'sgd'"),
     (["--data-dir", DATA, "--train-limit", "10"], "fewer than one batch")])
 def test_cli_errors_are_one_line_without_traceback(argv, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train_dt.py")] + argv,
