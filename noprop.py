@@ -468,7 +468,8 @@ def loss_ct(params, state, key, x, y, eta=1.0):
     sdm = 0.5 * eta * jnp.mean(snr_prime(sched, t) * sq_err)
     ce = cross_entropy(dense(params["classifier"], sample_q(k_1, u_y, alpha_bar_ct(sched, jnp.ones(())))), y)
     kl = jnp.mean(kl_z0(u_y, alpha_bar_ct(sched, jnp.zeros(()))))
-    return ce + kl + sdm, (state, {"ce": ce, "kl": kl, "sdm": sdm})
+    ends = alpha_bar_ct(sched, jnp.array([0.0, 1.0]))  # logged every epoch (P8)
+    return ce + kl + sdm, (state, {"ce": ce, "kl": kl, "sdm": sdm, "alpha_bar_0": ends[0], "alpha_bar_1": ends[1]})
 
 
 def ct_grid_schedule(sched_params, steps):
@@ -648,7 +649,7 @@ def mean_stderr(values):
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
            "method": ["noprop", "backprop"]}
 POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
-NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta")
+NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta", "devices")
 
 
 def parse_args(defaults, description, argv=None):
@@ -740,6 +741,35 @@ def progress(i, n, t0, quiet):
     print("\r" + (line if i + 1 < n else " " * len(line) + "\r"), end="", file=sys.stderr, flush=True)
 
 
+def place(tree, variant, n):
+    """--devices n, with jax.sharding: where the training state and each batch live.
+
+    NoProp-DT splits its stacked block axis over the devices, so each device trains T/n blocks
+    and only the shared classifier and W_embed gradients cross devices. CT, FM and backprop
+    split the batch (data parallel). jit inserts the collectives; the math is unchanged (tested).
+    Returns (tree placed on the devices, sharding for a batch).
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("dev",))
+    split, whole = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in (("dev",), ()))
+
+    def where(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return split if variant == "dt" and (keys[0] == "state" or "blocks" in keys) else whole
+
+    return jax.device_put(tree, jax.tree_util.tree_map_with_path(where, tree)), (whole if variant == "dt" else split)
+
+
+def device_count(args, variant):
+    """--devices 0 (default): all local devices, or the most that divide the split axis."""
+    size, what = (args.T, "T") if variant == "dt" else (args.batch_size, "--batch-size")
+    n = args.devices or max(k for k in range(1, jax.local_device_count() + 1) if size % k == 0)
+    if n > jax.device_count():
+        sys.exit(f"error: --devices {n}, but only {jax.device_count()} device(s) are visible")
+    if size % n:
+        sys.exit(f"error: --devices {n} must divide {what} = {size}")
+    return n
+
+
 @jax.jit
 def get_batch(x, y, batches, i):
     """Batch i of an epoch, gathered on the device. batches: (steps, B) example indices."""
@@ -756,10 +786,11 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
     B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer))
     tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
+    n_dev = device_count(args, variant)
     ident = {k: getattr(args, k) for k in ("dataset", "embedding", "seed", "batch_size", "train_limit")}
     ident["variant"] = variant
     ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
-    record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+    record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind, "devices": n_dev,
               "history": [], "train_seconds": 0.0}
     if args.resume and not os.path.exists(ckpt):
         print(f"no checkpoint at {ckpt} yet: starting from scratch")
@@ -770,25 +801,28 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
             sys.exit(f"error: {e}")
         record.update(history=meta["history"], train_seconds=meta["train_seconds"])
         print(f"resumed from {ckpt} after epoch {len(record['history'])}")
+    tree, batch_sharding = place(tree, variant, n_dev)
     for epoch in range(len(record["history"]), args.epochs):
         k_epoch = jax.random.fold_in(k_train, epoch)
         batches = jax.random.permutation(k_epoch, len(x_tr))[:steps * B].reshape(steps, B)
         keys = jax.random.split(jax.random.fold_in(k_epoch, 1), steps)
         t0, losses, auxes = time.time(), [], []
         for i in range(steps):
-            xb, yb = get_batch(x_tr, y_tr, batches, i)
+            xb, yb = jax.device_put(get_batch(x_tr, y_tr, batches, i), batch_sharding)
             *new, loss, aux = step(tree["params"], tree["state"], tree["opt_state"], keys[i], xb, yb)
             losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
             tree = dict(zip(("params", "state", "opt_state"), new))
             progress(i, steps, t0, args.quiet)
-        check_finite(epoch, jnp.stack(losses), jax.tree.map(lambda *a: jnp.stack(a), *auxes), tree, ckpt)
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        check_finite(epoch, jnp.stack(losses), aux, tree, ckpt)
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         accs = evaluate(predict, tree["params"], tree["state"], k_eval, x_te, y_te, args.eval_runs if last else 1)
         record["train_seconds"] += seconds
         record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),
                                   "train_seconds": seconds, "images_per_s": steps * B / seconds,
-                                  "test_acc": float(np.mean(accs))})
+                                  "test_acc": float(np.mean(accs)),
+                                  "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
         print(f"epoch {epoch + 1:3d}  loss {record['history'][-1]['loss']:.4f}  train {seconds:6.1f}s  "
               f"{steps * B / seconds:6.0f} img/s  test acc {100 * np.mean(accs):.2f}%", flush=True)
         if last:

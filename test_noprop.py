@@ -390,7 +390,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     _, full = tiny_run(tmp_path, "--epochs", "2")
     tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck)
     record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume")
-    assert len(record["history"]) == 2
+    assert len(record["history"]) == 2 and len(record["history"][0]["terms"]["L_t"]) == 1  # per-term means
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
 
@@ -410,3 +410,46 @@ def test_nan_guard_names_epoch_step_and_term_and_keeps_last_checkpoint(tmp_path)
     ck = tmp_path / "ck"
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch \d+, step \d+ \(bad: .+\); last good"):
         tiny_run(tmp_path, "--epochs", "20", "--lr", "1e9", "--checkpoint-dir", str(ck))
+
+
+# --- Many devices (jax.sharding): one sharded step equals the single-device step ---
+
+SHARDED_STEP = """
+import functools, jax, jax.numpy as jnp, numpy as np, noprop
+assert jax.device_count() == 2
+key, shape = jax.random.PRNGKey(0), (16, 16, 1)
+x, y = jax.random.uniform(key, (8,) + shape), jnp.arange(8) % 10
+for variant in ("dt", "ct"):
+    if variant == "dt":
+        params, state = noprop.init_dt(key, shape, 10, "onehot", T=2)
+        loss = functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(2))
+    else:
+        (params, state), loss = noprop.init_ct(key, shape, 10, "dim20"), noprop.loss_ct
+    # the step's math is loss, new BN state and gradients (the optimiser update is elementwise)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    ref = grad(params, state, key, x, y)
+    placed, batch = noprop.place({"params": params, "state": state}, variant, 2)
+    out = grad(placed["params"], placed["state"], key, *jax.device_put((x, y), batch))
+    split = out[1]["blocks"]["out"]["W"] if variant == "dt" else placed["params"]["model"]["out"]["W"]
+    assert len(split.sharding.device_set) == 2
+    if variant == "dt":  # each device holds (and trains) one of the two blocks
+        assert [s.data.shape[0] for s in split.addressable_shards] == [1, 1]
+    # float tolerance (summation order differs across devices), on the scale of all gradients:
+    # biases that feed batch norm have gradient 0 in exact math and +-1e-6 of noise here
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref[1]))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4 * scale)
+print("sharded == single-device")
+"""
+
+
+def test_sharded_step_equals_single_device_step_dt_blocks_and_ct_batch():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-c", SHARDED_STEP], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=HERE)
+    assert r.returncode == 0 and "sharded == single-device" in r.stdout, r.stderr[-3000:]
+
+
+def test_devices_flag_must_divide_the_split_axis(tmp_path):
+    with pytest.raises(SystemExit, match="--devices 3 must divide T = 1|only 1 device"):
+        tiny_run(tmp_path, "--epochs", "1", "--devices", "3")

@@ -16,6 +16,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT row
     steps=1000,  # inference steps ("Timesteps 1000")
     seed=0, eval_runs=5, train_limit=0, test_limit=0, deterministic=False,
     out="", checkpoint_dir="", resume=False, quiet=False,
+    devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 
 

@@ -20,6 +20,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT row
     train_limit=0, test_limit=0,  # 0 = all; N = the first N examples (quick runs)
     deterministic=False,  # inference without the eps noise of Eq. 3
     out="", checkpoint_dir="", resume=False, quiet=False,
+    devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 
 

@@ -15,6 +15,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-FM row
     steps=1000,  # Euler steps of the probability-flow ODE ("Timesteps 1000")
     seed=0, eval_runs=5, train_limit=0, test_limit=0,
     out="", checkpoint_dir="", resume=False, quiet=False,
+    devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 
 
