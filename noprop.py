@@ -391,20 +391,27 @@ def init_ct_model(key, image_shape, d, m):
 
 
 def ct_features(p, x, key=None):
-    """Image path, conv stack -> FC(256) -> ReLU. Depends on x only: computed once at inference."""
-    return jax.nn.relu(conv_stack(p["img"], x, key))
+    """Image path (conv stack -> FC(256) -> ReLU) and its share of head1's pre-activation.
+
+    head1(concat[img, lab, time]) = img @ W1[:256] + lab @ W1[256:512] + time @ W1[512:] + b1: the
+    first term depends on x only, so inference computes it once per image, not once per step.
+    """
+    img = jax.nn.relu(conv_stack(p["img"], x, key))
+    return img @ p["head1"]["W"][:256] + p["head1"]["b"]
 
 
 def ct_logits(p, feats, z, t, key=None):
-    """Logits from image features (B,256), z_t (B,d) and t (B,) -> (B, m)."""
+    """Logits from ct_features (B,256), z_t (B,d) and t (B,) or (1,) (one t for all) -> (B, m)."""
     if "conv1" in p["lab"]:  # prototype: z is an image
         c = p["lab"]["conv1"]["W"].shape[2]
         side = math.isqrt(z.shape[-1] // c)
         lab = conv_stack(p["lab"], z.reshape(z.shape[0], side, side, c), key)
     else:
         lab = dense(p["lab"], z)
-    h = jnp.concatenate([feats, jax.nn.relu(lab), jax.nn.relu(dense(p["time"], time_embedding(t)))], -1)
-    return dense(p["out"], jax.nn.relu(dense(p["head2"], jax.nn.relu(dense(p["head1"], h)))))
+    W1 = p["head1"]["W"]
+    time = jax.nn.relu(dense(p["time"], time_embedding(t)))  # (1, 256) at inference: once per step
+    h = jax.nn.relu(feats + jax.nn.relu(lab) @ W1[256:512] + time @ W1[512:])
+    return dense(p["out"], jax.nn.relu(dense(p["head2"], h)))
 
 
 def init_gamma(key, hidden=GAMMA_HIDDEN, ends=GAMMA_INIT):
@@ -488,7 +495,7 @@ def predict_ct(params, state, key, x, steps=1000, stochastic=True):
     z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
 
     def u_hat(t_prev, z):
-        return jax.nn.softmax(ct_logits(model, feats, z, jnp.full(z.shape[:1], t_prev))) @ W
+        return jax.nn.softmax(ct_logits(model, feats, z, jnp.full((1,), t_prev))) @ W
 
     t_prev = jnp.arange(steps) / steps
     zT, _ = eq3_chain(k_eps, z0, ct_grid_schedule(params["schedule"], steps), u_hat, t_prev, stochastic)
@@ -539,7 +546,7 @@ def predict_fm(params, state, key, x, steps=1000):
     feats = ct_features(model, x)
 
     def v(t, z):
-        return ct_logits(model, feats, z, jnp.full(z.shape[:1], t)) @ W
+        return ct_logits(model, feats, z, jnp.full((1,), t)) @ W
 
     z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), v, steps)
     return nearest_embedding(z1, W)
@@ -670,6 +677,11 @@ def parse_args(defaults, description, argv=None):
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    if getattr(args, "plot", False):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib, an optional extra: pip install matplotlib")
     return args
 
 
@@ -836,6 +848,12 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=1)
+    if args.plot:  # learning curves, schedule, prototype embeddings (viz/figures.py)
+        from viz import figures
+        stem = os.path.splitext(args.out)[0] if args.out else f"{variant}_{args.dataset}_{args.embedding}"
+        for path in figures.write(record["history"], variant, DATASETS[args.dataset][0], params, tree["params"],
+                                  getattr(args, "T", 1), stem):
+            print(f"wrote {path}")
     return record, tree
 
 

@@ -1,6 +1,7 @@
 """Semantic tests for noprop: each names the equation or pitfall (peers.md P1-P14) it pins."""
 import functools
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -293,8 +294,24 @@ def test_ct_inference_computes_image_features_once():
     params, _ = noprop.init_ct(KEY, TINY, 4)
     jaxpr = jax.make_jaxpr(lambda x: noprop.predict_ct(params, {}, KEY, x, steps=5))(jnp.zeros((2,) + TINY))
     scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
-    body = [e.primitive.name for e in scan.params["jaxpr"].jaxpr.eqns]
-    assert body.count("dot_general") == 6  # label, time, head1, head2, out, @ W_embed; no conv or image FC
+    dots = [e for e in scan.params["jaxpr"].jaxpr.eqns if e.primitive.name == "dot_general"]
+    # label, its head1 share, head2, out, @ W_embed per image; the time path once per step (batch 1);
+    # no conv, no image FC, no image share of head1
+    assert len(dots) == 7 and sum(e.outvars[0].aval.shape[0] == 1 for e in dots) == 2
+
+
+def test_ct_logits_equal_head1_on_the_concatenated_paths():
+    """ct_features folds the image path into head1 (Fig. 6: FC on concat[img, label, time])."""
+    p = noprop.init_ct_model(KEY, TINY, 4, 4)
+    x, z, t = jax.random.uniform(KEY, (3,) + TINY), jax.random.normal(KEY, (3, 4)), jnp.array([0.1, 0.5, 0.9])
+    relu, dense = jax.nn.relu, noprop.dense
+    h = jnp.concatenate([relu(noprop.conv_stack(p["img"], x)), relu(dense(p["lab"], z)),
+                         relu(dense(p["time"], noprop.time_embedding(t)))], -1)
+    want = dense(p["out"], relu(dense(p["head2"], relu(dense(p["head1"], h)))))
+    feats = noprop.ct_features(p, x)
+    np.testing.assert_allclose(noprop.ct_logits(p, feats, z, t), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(noprop.ct_logits(p, feats, z, t[1:2]),  # one t for the whole batch
+                               noprop.ct_logits(p, feats, z, jnp.full((3,), t[1])), rtol=1e-6, atol=1e-6)
 
 
 # --- NoProp-FM ---
@@ -453,3 +470,34 @@ def test_sharded_step_equals_single_device_step_dt_blocks_and_ct_batch():
 def test_devices_flag_must_divide_the_split_axis(tmp_path):
     with pytest.raises(SystemExit, match="--devices 3 must divide T = 1|only 1 device"):
         tiny_run(tmp_path, "--epochs", "1", "--devices", "3")
+
+
+def test_bench_speed_runs_end_to_end_on_tiny_shapes(tmp_path):
+    """bench/speed.py cannot rot: every section runs (tiny shapes) and reports sane figures."""
+    from bench import speed
+    out = speed.main(["--tiny", "--out", str(tmp_path / "bench.json")])
+    assert set(out["train_step"]) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm"}
+    for r in out["train_step"].values():
+        assert r["ms_per_step"] > 0 and r["gflop_per_step"] > 0 and r["temp_mb"] >= 0
+    # the all-blocks step does T times the one-block work; backprop keeps every block's activations
+    s = out["train_step"]
+    assert 1.5 < s["noprop_dt_all_blocks"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
+    assert out["dispatch"]["scan_steps_per_s"] > 0 and out["inference"]["ct"]["speedup"] > 0
+    assert json.load(open(tmp_path / "bench.json"))["matmul_gflop_per_s"] > 0
+
+
+# --- Figures (--plot; matplotlib is optional) ---
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys):
+    import train_dt
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit):
+        noprop.parse_args(train_dt.DEFAULTS, "", ["--plot"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_plot_writes_curves_and_schedule(tmp_path):
+    pytest.importorskip("matplotlib")
+    tiny_run(tmp_path, "--epochs", "2", "--plot", "--out", str(tmp_path / "run.json"))
+    for name in ("curves", "schedule"):
+        assert (tmp_path / f"run_{name}.png").stat().st_size > 1000

@@ -15,7 +15,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT row
     eta=1.0,  # eta of Eq. 9
     steps=1000,  # inference steps ("Timesteps 1000")
     seed=0, eval_runs=5, train_limit=0, test_limit=0, deterministic=False,
-    out="", checkpoint_dir="", resume=False, quiet=False,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,  # plot: figures (needs matplotlib)
     devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 

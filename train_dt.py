@@ -19,7 +19,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT row
     seed=0, eval_runs=5,  # Table 1: 5 inference runs per seed, mean +- standard error
     train_limit=0, test_limit=0,  # 0 = all; N = the first N examples (quick runs)
     deterministic=False,  # inference without the eps noise of Eq. 3
-    out="", checkpoint_dir="", resume=False, quiet=False,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,  # plot: figures (needs matplotlib)
     devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 

@@ -14,7 +14,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-FM row
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # Adam with L2-coupled decay (not AdamW)
     steps=1000,  # Euler steps of the probability-flow ODE ("Timesteps 1000")
     seed=0, eval_runs=5, train_limit=0, test_limit=0,
-    out="", checkpoint_dir="", resume=False, quiet=False,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,  # plot: figures (needs matplotlib)
     devices=0,  # 0: all local devices (or the most that divide T for DT, the batch otherwise)
 )
 

@@ -1,0 +1,168 @@
+"""Speed, memory and dispatch of noprop on this machine, all measured in one run.
+
+python -m bench.speed            # ~5 min on the 2-core CPU; writes results/bench.json
+python -m bench.speed --quick    # ~30 s: fewer repetitions, 1,000 test images, 100 inference steps
+
+Shapes are MNIST's (28x28x1, 10 classes, batch 128) with random weights and inputs: time does
+not depend on the values. FLOPs are XLA's own count of the compiled program (cost_analysis).
+"""
+import argparse, functools, json, os, platform, sys, time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import noprop  # noqa: E402
+
+
+def seconds(f, *args, reps):
+    """Median wall time of f(*args) over reps calls, after one warm-up call."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cost(compiled):
+    c = compiled.cost_analysis()
+    return (c[0] if isinstance(c, (list, tuple)) else c)["flops"]
+
+
+def matmul_rate(n, reps):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n ** 3 / seconds(f, a, reps=reps)
+
+
+def train_steps(shape, m, B, T, key):
+    """name -> (init, loss, optimizer) of every training step measured."""
+    adamw = optax.adamw(1e-3, weight_decay=1e-3)
+    ct = noprop.init_ct(key, shape, m)
+    return {
+        "noprop_dt_all_blocks": (noprop.init_dt(key, shape, m, T=T),
+                                 functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(T)), adamw),
+        "noprop_dt_one_block": (noprop.init_dt(key, shape, m, T=1),
+                                functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(1)), adamw),
+        "backprop": (noprop.init_backprop(key, shape, m, T=T), noprop.loss_backprop, adamw),
+        "noprop_ct": (ct, noprop.loss_ct, noprop.adam_l2(1e-3, 1e-3, ct[0])),
+        "noprop_fm": (ct, noprop.loss_fm, noprop.adam_l2(1e-3, 1e-3, ct[0])),
+    }
+
+
+def bench_steps(shape, m, B, T, reps, rate, key):
+    x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
+    rows = {}
+    for name, ((params, state), loss, opt) in train_steps(shape, m, B, T, key).items():
+        step = functools.partial(noprop.train_step, loss_fn=loss, optimizer=opt)
+        args = (params, state, opt.init(params), key, x, y)
+        compiled = jax.jit(step).lower(*args).compile()
+        s, mem = seconds(compiled, *args, reps=reps), compiled.memory_analysis()
+        rows[name] = {"ms_per_step": 1000 * s, "images_per_s": B / s, "gflop_per_step": cost(compiled) / 1e9,
+                      "fraction_of_matmul_rate": cost(compiled) / s / rate,
+                      "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
+    return rows
+
+
+def bench_dispatch(shape, m, B, n_steps, key):
+    """One epoch of CT steps: a Python loop over batches vs one compiled lax.scan over batches."""
+    (params, state), opt = noprop.init_ct(key, shape, m), None
+    opt = noprop.adam_l2(1e-3, 1e-3, params)
+    step = functools.partial(noprop.train_step, loss_fn=noprop.loss_ct, optimizer=opt)
+    x = jax.random.uniform(key, (n_steps * B,) + shape)
+    y = jax.random.randint(key, (n_steps * B,), 0, m)
+    batches, keys = jnp.arange(n_steps * B).reshape(n_steps, B), jax.random.split(key, n_steps)
+    jstep = jax.jit(step)
+
+    def python_loop(tree):
+        for i in range(n_steps):
+            tree = jstep(*tree, keys[i], *noprop.get_batch(x, y, batches, i))[:3]
+        return tree
+
+    @jax.jit
+    def scanned(tree):
+        def body(tree, inp):
+            k, idx = inp
+            return step(*tree, k, x[idx], y[idx])[:3], None
+        return jax.lax.scan(body, tree, (keys, batches))[0]
+
+    tree = (params, state, opt.init(params))
+    return {"steps": n_steps, "python_loop_steps_per_s": n_steps / seconds(python_loop, tree, reps=1),
+            "scan_steps_per_s": n_steps / seconds(scanned, tree, reps=1)}
+
+
+def predict_recompute(params, key, x, steps, variant):
+    """The slow way, for comparison only: the whole network, image path included, at every step."""
+    W, model = noprop.class_embeddings(params), params["model"]
+    z0 = jax.random.normal(key, (x.shape[0], W.shape[1]))
+    logits = lambda t, z: noprop.ct_logits(model, noprop.ct_features(model, x), z, jnp.full((1,), t))
+    if variant == "fm":
+        return noprop.nearest_embedding(noprop.euler_chain(z0, lambda t, z: logits(t, z) @ W, steps), W)
+    sched = noprop.ct_grid_schedule(params["schedule"], steps)
+    u_hat = lambda t, z: jax.nn.softmax(logits(t, z)) @ W
+    zT, _ = noprop.eq3_chain(key, z0, sched, u_hat, jnp.arange(steps) / steps)
+    return jnp.argmax(noprop.dense(params["classifier"], zT), -1)
+
+
+def bench_inference(shape, m, n_images, steps, n_slice, key):
+    params, _ = noprop.init_ct(key, shape, m)
+    x, y = jax.random.uniform(key, (n_images,) + shape), jnp.zeros(n_images, jnp.int32)
+    rows = {}
+    for variant, predict in (("ct", noprop.predict_ct), ("fm", noprop.predict_fm)):
+        fast = jax.jit(functools.partial(predict, steps=steps))
+        evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path: chunks of 1000
+        slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
+        t_fast = seconds(evaluate, params, reps=1)
+        t_slow = seconds(slow, params, key, x[:n_slice], reps=1) * n_images / n_slice
+        rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,
+                         "recompute_s_scaled": t_slow, "recompute_slice": n_slice, "speedup": t_slow / t_fast}
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~30 s version: fewer repetitions and images")
+    p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2 (for the test)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench.json"))
+    a = p.parse_args(argv)
+    key = jax.random.PRNGKey(0)
+    shape, m, B, T = ((16, 16, 1), 10, 8, 2) if a.tiny else ((28, 28, 1), 10, 128, 10)
+    reps, n_images, steps, n_slice, epoch = (2, 64, 5, 8, 4) if a.tiny else (3, 1000, 100, 100, 60) if a.quick \
+        else (5, 10000, 1000, 100, 60000 // 128)
+    rate = matmul_rate(256 if a.tiny else 2048, reps)
+    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+           "jax": jax.__version__, "quick": a.quick, "tiny": a.tiny, "batch": B, "T": T,
+           "matmul_gflop_per_s": rate / 1e9}
+    print(f"machine: {out['machine']}, jax {jax.__version__}; float32 matmul {rate / 1e9:.0f} GFLOP/s")
+    out["train_step"] = bench_steps(shape, m, B, T, reps, rate, key)
+    print(f"\n{'training step, batch %d' % B:28s} {'ms/step':>8s} {'img/s':>7s} {'GFLOP':>7s} {'of matmul':>9s} "
+          f"{'temp MB':>8s} {'args MB':>8s}")
+    for name, r in out["train_step"].items():
+        print(f"{name:28s} {r['ms_per_step']:8.0f} {r['images_per_s']:7.0f} {r['gflop_per_step']:7.1f} "
+              f"{100 * r['fraction_of_matmul_rate']:8.0f}% {r['temp_mb']:8.0f} {r['argument_mb']:8.0f}")
+    s = out["train_step"]
+    out["ratios"] = {
+        "all_blocks_vs_ten_one_block_steps": s["noprop_dt_all_blocks"]["ms_per_step"] / (T * s["noprop_dt_one_block"]["ms_per_step"]),
+        "one_block_temp_vs_backprop_temp": s["noprop_dt_one_block"]["temp_mb"] / s["backprop"]["temp_mb"]}
+    out["dispatch"] = bench_dispatch(shape, m, B, epoch, key)
+    out["inference"] = bench_inference(shape, m, n_images, steps, n_slice, key)
+    d, r = out["dispatch"], out["ratios"]
+    print(f"\nall-blocks step / ten one-block steps: {r['all_blocks_vs_ten_one_block_steps']:.2f}x")
+    print(f"one-block temporaries / backprop temporaries: {100 * r['one_block_temp_vs_backprop_temp']:.0f}%")
+    print(f"dispatch, {d['steps']} CT steps: python loop {d['python_loop_steps_per_s']:.2f} steps/s, "
+          f"lax.scan {d['scan_steps_per_s']:.2f} steps/s")
+    for v, i in out["inference"].items():
+        print(f"{v.upper()} inference, {i['images']} images x {i['steps']} steps: features once {i['features_once_s']:.1f} s, "
+              f"recompute {i['recompute_s_scaled']:.0f} s (timed on {i['recompute_slice']}, scaled): {i['speedup']:.0f}x")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Figures of a run (issue #6): learning curves, the noise schedule, learned prototype embeddings.
+
+Written by `--plot` at the end of training, or afterwards from a checkpoint:
+  python -m viz.figures CHECKPOINT.npz --out-dir results/figures
+matplotlib is optional: nothing else in noprop needs it (pip install matplotlib).
+"""
+import argparse, json, os, sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import noprop  # noqa: E402
+
+
+def write(history, variant, image_shape, params_before, params_after, T, stem):
+    """Write {stem}_curves.png, {stem}_schedule.png (DT, CT) and {stem}_embeddings.png (prototype)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(f"{stem}_{name}.png", dpi=110)
+        plt.close(fig)
+        paths.append(f"{stem}_{name}.png")
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    a1.plot(epochs, [h["loss"] for h in history], "o-")
+    a1.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
+    a2.plot(epochs, [100 * h["test_acc"] for h in history], "o-")
+    a2.set(xlabel="epoch", ylabel="test accuracy (%)")
+    fig.suptitle(f"NoProp-{variant.upper()} learning curves")
+    save(fig, "curves")
+
+    if variant in ("dt", "ct"):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+        if variant == "dt":
+            s, t = noprop.cosine_schedule(T), np.arange(T + 1) / T
+            curves = [("fixed cosine, t/T", np.asarray(s["alpha_bar"]), "o-")]
+        else:
+            t = jnp.linspace(0, 1, 201)
+            curves = [(name, np.asarray(noprop.alpha_bar_ct(p["schedule"], t)), style)
+                      for name, p, style in (("before training", params_before, "--"), ("after", params_after, "-"))]
+        for name, ab, style in curves:
+            a1.plot(t, ab, style, label=name)
+            a2.plot(t, ab / (1 - ab), style, label=name)
+        a1.set(xlabel="t (0: noise, 1: label)", ylabel="alpha_bar(t)")
+        a2.set(xlabel="t", ylabel="SNR(t)", yscale="log")
+        a1.legend()
+        fig.suptitle(f"NoProp-{variant.upper()} noise schedule")
+        save(fig, "schedule")
+
+    if "W_embed" in params_after and noprop.is_prototype(image_shape, params_after["W_embed"].shape[1]):
+        rows = [("init (class medoids)", params_before), ("learned", params_after)]
+        m = params_after["W_embed"].shape[0]
+        fig, axes = plt.subplots(2, m, figsize=(1.1 * m, 2.6), squeeze=False)
+        for r, (name, p) in enumerate(rows):
+            for c in range(m):
+                img = np.asarray(p["W_embed"][c]).reshape(image_shape)
+                axes[r, c].imshow(img.squeeze(-1) if image_shape[-1] == 1 else np.clip(img, 0, 1), cmap="gray")
+                axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            axes[r, 0].set_ylabel(name, fontsize=7)
+        fig.suptitle("prototype class embeddings (paper Fig. 2 / v2 Fig. 3)")
+        save(fig, "embeddings")
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--data-dir", default="data", help="for the prototype embeddings' initial medoids")
+    p.add_argument("--out-dir", default="results/figures")
+    a = p.parse_args(argv)
+    with np.load(a.checkpoint, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"]))
+        blocks = "['params']['blocks']['out']['b']"
+        T = f[blocks].shape[0] if blocks in f.files else 1
+    variant = meta["variant"]
+    shape, m = noprop.DATASETS[meta["dataset"]]
+    x, y = noprop.load_dataset(meta["dataset"], a.data_dir)[:2]
+    if meta.get("train_limit"):
+        x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
+    k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
+    if variant in ("ct", "fm"):
+        params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
+        opt = noprop.adam_l2(1e-3, 1e-3, params)
+    else:
+        init = noprop.init_backprop if variant == "backprop" else noprop.init_dt
+        params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
+        opt = noprop.optax.adamw(1e-3)
+    template = {"params": params, "state": state, "opt_state": opt.init(params)}
+    tree, _ = noprop.load_checkpoint(a.checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    os.makedirs(a.out_dir, exist_ok=True)
+    stem = os.path.join(a.out_dir, f"{variant}_{meta['dataset']}_{meta['embedding']}")
+    for path in write(meta["history"], variant, shape, params, tree["params"], T, stem):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
