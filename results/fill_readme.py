@@ -3,11 +3,12 @@ import json, re
 
 RUNS = [  # (json, target epochs of the command, paper Table 1 test accuracy after 100 epochs)
     ("dt_mnist_onehot_s0", 10, "99.47 +- 0.05"),
+    ("backprop_mnist_onehot_s0", 10, "99.46 +- 0.06"),
     ("ct_mnist_onehot_s0", 3, "97.84 +- 0.71"),
     ("fm_mnist_onehot_s0", 3, "99.21 +- 0.09"),
     ("fm_mnist_dim20_s0", 3, "99.29 +- 0.05"),
 ]
-NAMES = {"dt": "NoProp-DT", "ct": "NoProp-CT", "fm": "NoProp-FM"}
+NAMES = {"dt": "NoProp-DT", "backprop": "Backprop (Eqs. 17-19)", "ct": "NoProp-CT", "fm": "NoProp-FM"}
 rows, epochs = [], []
 for name, target, paper in RUNS:
     try:
