@@ -72,7 +72,7 @@ def bench_steps(shape, m, B, T, reps, rate, key):
 
 def bench_dispatch(shape, m, B, n_steps, key):
     """One epoch of CT steps: a Python loop over batches vs one compiled lax.scan over batches."""
-    (params, state), opt = noprop.init_ct(key, shape, m), None
+    params, state = noprop.init_ct(key, shape, m)
     opt = noprop.adam_l2(1e-3, 1e-3, params)
     step = functools.partial(noprop.train_step, loss_fn=noprop.loss_ct, optimizer=opt)
     x = jax.random.uniform(key, (n_steps * B,) + shape)

@@ -9,6 +9,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from viz.figures import restore  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("checkpoint")
@@ -18,15 +19,11 @@ p.add_argument("--eval-runs", type=int, default=5)
 p.add_argument("--out", default="")
 args = p.parse_args()
 with np.load(args.checkpoint, allow_pickle=False) as f:
-    meta = json.loads(str(f["__meta__"]))
-if meta["variant"] not in ("ct", "fm"):
-    sys.exit(f"error: {args.checkpoint} is a {meta['variant']} checkpoint; this sweep is for ct and fm")
-x_tr, y_tr, x_te, y_te = noprop.load_dataset(meta["dataset"], args.data_dir)
-shape, m = noprop.DATASETS[meta["dataset"]]
-k_init, k_run = jax.random.split(jax.random.PRNGKey(meta["seed"]))
-params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x_tr, y_tr)
-template = {"params": params, "state": state, "opt_state": noprop.adam_l2(1e-3, 1e-3, params).init(params)}
-tree, _ = noprop.load_checkpoint(args.checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    variant = json.loads(str(f["__meta__"]))["variant"]
+if variant not in ("ct", "fm"):
+    sys.exit(f"error: {args.checkpoint} is a {variant} checkpoint; this sweep is for ct and fm")
+meta, _, tree, _, (_, _, x_te, y_te) = restore(args.checkpoint, args.data_dir)
+k_run = jax.random.split(jax.random.PRNGKey(meta["seed"]))[1]
 predict_fn = noprop.predict_ct if meta["variant"] == "ct" else noprop.predict_fm
 k_eval = jax.random.split(k_run)[1]  # the key fit() evaluates with
 rows = []

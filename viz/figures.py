@@ -69,31 +69,42 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     return paths
 
 
+def restore(checkpoint, data_dir):
+    """A run as the scripts built it, from its checkpoint: (meta, initial params, trained tree, T, data).
+
+    The initial parameters come from the seed (the scripts' init key) and the training data
+    (prototype medoids); load_checkpoint then checks every array against them.
+    """
+    with np.load(checkpoint, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"]))
+        blocks = "['params']['blocks']['out']['b']"
+        T = f[blocks].shape[0] if blocks in f.files else 1
+    shape, m = noprop.DATASETS[meta["dataset"]]
+    data = noprop.load_dataset(meta["dataset"], data_dir)
+    x, y = data[:2]
+    if meta.get("train_limit"):
+        x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
+    k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
+    if meta["variant"] in ("ct", "fm"):
+        params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
+        opt = noprop.adam_l2(1e-3, 1e-3, params)
+    else:
+        init = noprop.init_backprop if meta["variant"] == "backprop" else noprop.init_dt
+        params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
+        opt = noprop.optax.adamw(1e-3)
+    template = {"params": params, "state": state, "opt_state": opt.init(params)}
+    tree, _ = noprop.load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    return meta, params, tree, T, data
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--data-dir", default="data", help="for the prototype embeddings' initial medoids")
     p.add_argument("--out-dir", default="results/figures")
     a = p.parse_args(argv)
-    with np.load(a.checkpoint, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"]))
-        blocks = "['params']['blocks']['out']['b']"
-        T = f[blocks].shape[0] if blocks in f.files else 1
-    variant = meta["variant"]
-    shape, m = noprop.DATASETS[meta["dataset"]]
-    x, y = noprop.load_dataset(meta["dataset"], a.data_dir)[:2]
-    if meta.get("train_limit"):
-        x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
-    k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
-    if variant in ("ct", "fm"):
-        params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
-        opt = noprop.adam_l2(1e-3, 1e-3, params)
-    else:
-        init = noprop.init_backprop if variant == "backprop" else noprop.init_dt
-        params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
-        opt = noprop.optax.adamw(1e-3)
-    template = {"params": params, "state": state, "opt_state": opt.init(params)}
-    tree, _ = noprop.load_checkpoint(a.checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    meta, params, tree, T, _ = restore(a.checkpoint, a.data_dir)
+    variant, shape = meta["variant"], noprop.DATASETS[meta["dataset"]][0]
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"{variant}_{meta['dataset']}_{meta['embedding']}")
     for path in write(meta["history"], variant, shape, params, tree["params"], T, stem):
