@@ -259,7 +259,7 @@ def init_dt(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
     """Params {"blocks" (stacked, leading axis T), "classifier", ["W_embed"]} and BN state."""
     k_blocks, k_cls, k_emb = jax.random.split(key, 3)
     d = embedding_dim(embedding, image_shape, m)
-    blocks, state = jax.vmap(lambda k: init_dt_block(k, image_shape, d, m))(
+    blocks, state = jax.jit(jax.vmap(lambda k: init_dt_block(k, image_shape, d, m)))(  # one compile
         jax.random.split(k_blocks, T))
     params = {"blocks": blocks, "classifier": init_dense(k_cls, d, m)}
     W = init_embedding(k_emb, embedding, m, image_shape, x, y)
@@ -331,7 +331,7 @@ BACKPROP_A_INIT = 0.5  # NOT SPECIFIED: a_t = tanh(w_t) at init (a_t = 0 would g
 def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
     """init_dt plus the mixing weights w_t of Eq. 18."""
     params, state = init_dt(key, image_shape, m, embedding, T, x, y)
-    params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT))
+    params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT), jnp.float32)  # not weak-typed: one compile
     return params, state
 
 
@@ -419,7 +419,7 @@ def init_gamma(key, hidden=GAMMA_HIDDEN, ends=GAMMA_INIT):
     k1, k2, k3 = jax.random.split(key, 3)
     return {"w1": jax.random.normal(k1, (hidden,)), "b1": jax.random.normal(k2, (hidden,)),
             "w2": jax.random.normal(k3, (hidden,)), "w0": jnp.zeros(()),
-            "gamma_0": jnp.array(ends[0]), "gap": jnp.log(jnp.expm1(ends[1] - ends[0]))}
+            "gamma_0": jnp.float32(ends[0]), "gap": jnp.float32(math.log(math.expm1(ends[1] - ends[0])))}
 
 
 def gamma(p, t):
@@ -451,7 +451,8 @@ def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None):
     """Params {"model", "schedule", "classifier", ["W_embed"]}; CT has no BN state."""
     k_model, k_sched, k_cls, k_emb = jax.random.split(key, 4)
     d = embedding_dim(embedding, image_shape, m)
-    params = {"model": init_ct_model(k_model, image_shape, d, m), "schedule": init_gamma(k_sched),
+    model = jax.jit(init_ct_model, static_argnums=(1, 2, 3))(k_model, image_shape, d, m)  # one compile
+    params = {"model": model, "schedule": init_gamma(k_sched),
               "classifier": init_dense(k_cls, d, m)}
     W = init_embedding(k_emb, embedding, m, image_shape, x, y)
     if W is not None:
@@ -857,11 +858,15 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
     return record, tree
 
 
+@jax.jit
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def check_finite(epoch, losses, aux, tree, ckpt):
     """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
     ok = jnp.isfinite(losses)
-    params_ok = all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(tree["params"]))
-    if bool(ok.all()) and params_ok:
+    if bool(ok.all()) and bool(all_finite(tree["params"])):
         return
     i = int(jnp.argmin(ok)) if not bool(ok.all()) else len(losses) - 1
     bad = [k for k, v in aux.items() if not bool(jnp.isfinite(v[i]).all())] or ["parameters"]
