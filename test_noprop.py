@@ -131,6 +131,15 @@ def test_parameter_counts_match_paper_with_valid_convs(dataset, embedding):
     assert (noprop.count_params(dt), noprop.count_params(ct)) == PAPER_COUNTS[dataset, embedding]
 
 
+def test_parameters_are_strongly_typed_float32_so_the_train_step_compiles_once():
+    # a weak-typed leaf (jnp.array(python float)) comes back from the first step strongly typed,
+    # and jit then compiles the whole training step a second and a third time
+    for params, _ in (noprop.init_dt(KEY, TINY, 4, "dim20", T=2), noprop.init_backprop(KEY, TINY, 4, T=2),
+                      noprop.init_ct(KEY, TINY, 4, "dim20")):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            assert leaf.dtype == jnp.float32 and not jax.typeof(leaf).weak_type, jax.tree_util.keystr(path)
+
+
 def test_embeddings_orthogonal_and_medoid():
     W = noprop.init_embedding(KEY, "dim20", 10, (28, 28, 1))
     np.testing.assert_allclose(W @ W.T, np.eye(10), atol=1e-5)
