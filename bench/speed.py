@@ -17,9 +17,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import noprop  # noqa: E402
 
 
-def seconds(f, *args, reps):
-    """Median wall time of f(*args) over reps calls, after one warm-up call."""
-    jax.block_until_ready(f(*args))
+def seconds(f, *args, reps, warmup=True):
+    """Median wall time of f(*args) over reps calls, after one warm-up call (skip it for long f
+    whose parts are compiled beforehand: a warm-up call of an epoch would double its cost)."""
+    if warmup:
+        jax.block_until_ready(f(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -79,22 +81,23 @@ def bench_dispatch(shape, m, B, n_steps, key):
     y = jax.random.randint(key, (n_steps * B,), 0, m)
     batches, keys = jnp.arange(n_steps * B).reshape(n_steps, B), jax.random.split(key, n_steps)
     jstep = jax.jit(step)
+    tree = (params, state, opt.init(params))
+    jax.block_until_ready(jstep(*tree, keys[0], *noprop.get_batch(x, y, batches, 0)))  # compile only
 
     def python_loop(tree):
         for i in range(n_steps):
             tree = jstep(*tree, keys[i], *noprop.get_batch(x, y, batches, i))[:3]
         return tree
 
-    @jax.jit
     def scanned(tree):
         def body(tree, inp):
             k, idx = inp
             return step(*tree, k, x[idx], y[idx])[:3], None
         return jax.lax.scan(body, tree, (keys, batches))[0]
 
-    tree = (params, state, opt.init(params))
-    return {"steps": n_steps, "python_loop_steps_per_s": n_steps / seconds(python_loop, tree, reps=1),
-            "scan_steps_per_s": n_steps / seconds(scanned, tree, reps=1)}
+    scanned = jax.jit(scanned).lower(tree).compile()
+    return {"steps": n_steps, "python_loop_steps_per_s": n_steps / seconds(python_loop, tree, reps=1, warmup=False),
+            "scan_steps_per_s": n_steps / seconds(scanned, tree, reps=1, warmup=False)}
 
 
 def predict_recompute(params, key, x, steps, variant):
@@ -122,8 +125,10 @@ def bench_inference(shape, m, n_images, steps, n_slice, key):
         fast = jax.jit(functools.partial(predict, steps=steps))
         evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path: chunks of 1000
         slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
-        t_fast = seconds(evaluate, params, reps=1)
-        t_slow = seconds(slow, params, key, x[:n_slice], reps=1) * n_images / n_slice
+        slow = slow.lower(params, key, x[:n_slice]).compile()
+        jax.block_until_ready(fast(params, {}, key, jnp.zeros((1000,) + shape)))  # compile evaluate's chunk
+        t_fast = seconds(evaluate, params, reps=1, warmup=False)
+        t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
         rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,
                          "recompute_s_scaled": t_slow, "recompute_slice": n_slice, "speedup": t_slow / t_fast}
     return rows
