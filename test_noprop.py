@@ -239,7 +239,7 @@ def test_dt_learns_mnist_slice_and_ablations_hurt(tmp_path, optimized):
 @needs_mnist
 def test_ct_learns_mnist_slice_without_collapse_at_few_steps_and_zero_embedding_hurts(optimized):
     import train_ct
-    record, tree = train_ct.main(["--data-dir", DATA, "--batch-size", "32", "--epochs", "4", "--lr", "2e-3",
+    record, tree = train_ct.main(["--data-dir", DATA, "--batch-size", "32", "--epochs", "8", "--lr", "2e-3",
                                   "--train-limit", "2048", "--test-limit", "500", "--steps", "20",
                                   "--eval-runs", "1", "--quiet"])
     _, _, x_te, y_te = noprop.load_dataset("mnist", DATA)
@@ -248,8 +248,9 @@ def test_ct_learns_mnist_slice_without_collapse_at_few_steps_and_zero_embedding_
     def acc(p, steps):
         return float(jnp.mean(noprop.predict_ct(p, {}, KEY, x_te, steps) == y_te))
 
-    # 256 steps: CT's SNR'(t) weighting learns the image path slowly (about 38 % here; chance is 10 %)
-    assert record["test_acc_mean"] > 0.25 and acc(params, 5) > 0.2, record  # P7: no collapse at 5 steps
+    # 512 steps: CT's SNR'(t) weighting learns the image path slowly and unevenly (53-69 % here over
+    # two seeds and both compile modes, after 24-64 % at 256 steps, too close to call; chance is 10 %)
+    assert record["test_acc_mean"] > 0.35 and acc(params, 5) > 0.3, record  # P7: no collapse at 5 steps
     assert acc({**params, "W_embed": jnp.zeros((10, 10))}, 20) < 0.16  # P3
 
 
@@ -257,11 +258,11 @@ def test_ct_learns_mnist_slice_without_collapse_at_few_steps_and_zero_embedding_
 def test_fm_dim20_learns_mnist_slice_and_embedding_does_not_collapse(optimized):
     import train_fm
     record, tree = train_fm.main(["--data-dir", DATA, "--embedding", "dim20", "--batch-size", "32",
-                                  "--epochs", "4", "--lr", "2e-3", "--train-limit", "2048",
+                                  "--epochs", "6", "--lr", "2e-3", "--train-limit", "2048",
                                   "--test-limit", "500", "--steps", "20", "--eval-runs", "1", "--quiet"])
     W = np.asarray(tree["params"]["W_embed"])
     dists = np.linalg.norm(W[:, None] - W[None], axis=-1)[~np.eye(10, dtype=bool)]
-    assert record["test_acc_mean"] > 0.4, record  # chance 0.1 (about 0.58 here after 256 steps)
+    assert record["test_acc_mean"] > 0.4, record  # chance 0.1 (64-78 % here after 384 steps, two compile modes)
     assert np.linalg.norm(W, axis=1).min() > 0.5 and dists.min() > 0.5  # init: unit rows, distance sqrt(2)
 
 
