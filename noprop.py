@@ -637,6 +637,7 @@ def evaluate(predict, params, state, key, x, y, runs, chunk=1000):
     predict(params, state, key, x) sees images only; labels are used here, for scoring only.
     """
     n = len(x)
+    chunk = min(chunk, n)  # a small test set (--test-limit) is one chunk, not padded to 1000
     pad = -n % chunk
     xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((-1, chunk) + x.shape[1:])
     accs = []

@@ -1,6 +1,6 @@
 """Speed, memory and dispatch of noprop on this machine, all measured in one run.
 
-python -m bench.speed            # ~11 min on the 2-core CPU; writes results/bench.json
+python -m bench.speed            # ~5 min on the 2-core CPU; writes results/bench.json
 python -m bench.speed --quick    # shorter: fewer repetitions, 1,000 images, 100 inference steps
 
 Shapes are MNIST's (28x28x1, 10 classes, batch 128) with random weights and inputs: time does
@@ -126,7 +126,7 @@ def bench_inference(shape, m, n_images, steps, n_slice, key):
         evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path: chunks of 1000
         slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
         slow = slow.lower(params, key, x[:n_slice]).compile()
-        jax.block_until_ready(fast(params, {}, key, jnp.zeros((1000,) + shape)))  # compile evaluate's chunk
+        jax.block_until_ready(fast(params, {}, key, jnp.zeros((min(1000, n_images),) + shape)))  # evaluate's chunk
         t_fast = seconds(evaluate, params, reps=1, warmup=False)
         t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
         rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,
