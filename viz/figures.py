@@ -33,7 +33,7 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     a1.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
     a2.plot(epochs, [100 * h["test_acc"] for h in history], "o-")
     a2.set(xlabel="epoch", ylabel="test accuracy (%)")
-    fig.suptitle(f"NoProp-{variant.upper()} learning curves")
+    fig.suptitle(f"{'Backprop' if variant == 'backprop' else 'NoProp-' + variant.upper()} learning curves")
     save(fig, "curves")
 
     if variant in ("dt", "ct"):
