@@ -631,13 +631,16 @@ def adam_l2(lr, weight_decay, params):
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(lr))
 
 
-def evaluate(predict, params, state, key, x, y, runs, chunk=1000):
+EVAL_CHUNK = 1000  # images per predict call in evaluate: one compiled shape, bounded memory
+
+
+def evaluate(predict, params, state, key, x, y, runs, chunk=EVAL_CHUNK):
     """Test accuracy of `runs` independent inference runs (fresh z_0, eps each run).
 
     predict(params, state, key, x) sees images only; labels are used here, for scoring only.
     """
     n = len(x)
-    chunk = min(chunk, n)  # a small test set (--test-limit) is one chunk, not padded to 1000
+    chunk = min(chunk, n)  # a small test set (--test-limit) is one chunk, not padded to a full one
     pad = -n % chunk
     xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((-1, chunk) + x.shape[1:])
     accs = []
@@ -867,9 +870,10 @@ def all_finite(tree):
 def check_finite(epoch, losses, aux, tree, ckpt):
     """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
     ok = jnp.isfinite(losses)
-    if bool(ok.all()) and bool(all_finite(tree["params"])):
+    losses_ok = bool(ok.all())
+    if losses_ok and bool(all_finite(tree["params"])):
         return
-    i = int(jnp.argmin(ok)) if not bool(ok.all()) else len(losses) - 1
+    i = len(losses) - 1 if losses_ok else int(jnp.argmin(ok))
     bad = [k for k, v in aux.items() if not bool(jnp.isfinite(v[i]).all())] or ["parameters"]
     kept = f"; last good checkpoint kept at {ckpt}" if ckpt else ""
     sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {i + 1} (bad: {', '.join(bad)}){kept}")

@@ -123,10 +123,10 @@ def bench_inference(shape, m, n_images, steps, n_slice, key):
     rows = {}
     for variant, predict in (("ct", noprop.predict_ct), ("fm", noprop.predict_fm)):
         fast = jax.jit(functools.partial(predict, steps=steps))
-        evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path: chunks of 1000
+        evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path, in chunks
         slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
         slow = slow.lower(params, key, x[:n_slice]).compile()
-        jax.block_until_ready(fast(params, {}, key, jnp.zeros((min(1000, n_images),) + shape)))  # evaluate's chunk
+        jax.block_until_ready(fast(params, {}, key, x[:noprop.EVAL_CHUNK]))  # compile evaluate's chunk shape
         t_fast = seconds(evaluate, params, reps=1, warmup=False)
         t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
         rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,
