@@ -217,7 +217,7 @@ def test_dt_learns_mnist_slice_and_ablations_hurt(tmp_path, optimized):
     import train_dt
     out = tmp_path / "dt.json"
     # T=2, lr 2e-3 and batch 16 keep this short: the classifier p(y|z_T) needs ~250 such steps
-    # (86-91 % here over three seeds; a batch-16 step costs 40 % of a batch-32 one on this CPU)
+    # (86-91 % here over three seeds; a batch-16 step costs 46 % of a batch-32 one on this CPU)
     record, tree = train_dt.main(["--data-dir", DATA, "--T", "2", "--batch-size", "16", "--epochs", "2",
                                   "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
                                   "--eval-runs", "2", "--quiet", "--out", str(out)])
