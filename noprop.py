@@ -11,15 +11,10 @@ Conventions, stated once (paper section 2, Eq. 6):
   leading axis T; they are trained together by `jax.vmap` and run at inference by `lax.scan`.
 - Batch-norm running statistics live in a separate `state` pytree. `key=None` means
   evaluation mode: dropout off, batch norm reads its running statistics.
-- Choices where the paper is silent (paper.md "NOT SPECIFIED") are named constants below.
+- Where the paper is silent, our choice is a named constant or argument marked NOT SPECIFIED.
+- Equation numbers are those of arXiv:2503.24322 (v1 and v2 number them alike).
 """
-import argparse
-import functools
-import json
 import math
-import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +50,7 @@ def conv3x3(p, x):
     """3x3 VALID convolution as im2col + one matmul. Shapes: (B, H, W, C) -> (B, H-2, W-2, C_out).
 
     Same math as lax.conv_general_dilated, but its backward pass is a matmul, which XLA:CPU
-    runs ~10x faster under vmap over stacked block weights (see README, Performance).
+    runs ~10x faster under vmap over stacked block weights (bench/README.md).
     """
     H, W = x.shape[-3] - 2, x.shape[-2] - 2
     patches = jnp.concatenate([x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)], -1)
@@ -323,53 +318,11 @@ def predict_dt(params, state, key, x, sched, stochastic=True):
     return jnp.argmax(dense(params["classifier"], zT), -1)
 
 
-# --- Backprop baseline (Eqs. 17-19): the same T blocks chained end to end, trained by backprop ---
-
-BACKPROP_A_INIT = 0.5  # NOT SPECIFIED: a_t = tanh(w_t) at init (a_t = 0 would give the blocks no gradient)
-
-
-def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
-    """init_dt plus the mixing weights w_t of Eq. 18."""
-    params, state = init_dt(key, image_shape, m, embedding, T, x, y)
-    params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT), jnp.float32)  # not weak-typed: one compile
-    return params, state
-
-
-def backprop_chain(params, state, x, z0, drop_keys=None):
-    """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
-
-    drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
-    """
-    W = class_embeddings(params)
-
-    def step(z, inp):
-        block, bn, w, k = inp
-        logits, bn = dt_block(block, bn, x, z, k)
-        return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
-
-    return jax.lax.scan(step, z0, (params["blocks"], state, params["w"], drop_keys))
-
-
-def loss_backprop(params, state, key, x, y):
-    """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
-    k0, k_drop = jax.random.split(key)
-    z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
-    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]))
-    ce = cross_entropy(dense(params["classifier"], zT), y)
-    return ce, (state, {"ce": ce})
-
-
-def predict_backprop(params, state, key, x):
-    """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
-    z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
-    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0)[0]), -1)
-
-
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
 
 # NOT SPECIFIED: gamma_0, gamma_1 at init, so alpha_bar(0) = 0.018 and alpha_bar(1) = 0.982. A wider
 # range (+-7, DT's log-SNR range) spreads SNR'(t) over e^14 instead of e^8: the loss is then all t ~ 1,
-# where z gives the label away, and the image path barely learns (README, "Choices").
+# where z gives the label away, and the image path barely learns (README, "Choices where the paper is silent").
 GAMMA_INIT = (-4.0, 4.0)
 GAMMA_HIDDEN = 32  # NOT SPECIFIED: width of the positive-weight network gamma_tilde
 
@@ -553,73 +506,57 @@ def predict_fm(params, state, key, x, steps=1000):
     return nearest_embedding(z1, W)
 
 
-# --- Data and training utilities (shared by the three scripts) ---
+# --- Backprop baseline (Eqs. 17-19): the same T blocks chained end to end, trained by backprop ---
 
-DATASETS = {"mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
-            "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
-
-
-def _read_npz(path):
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as e:
-        raise ValueError(f"{path}: missing array {e}; expected x_train, y_train, x_test, y_test")
-    except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, ...
-        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})")
+BACKPROP_A_INIT = 0.5  # NOT SPECIFIED: a_t = tanh(w_t) at init (a_t = 0 would give the blocks no gradient)
+# NOT SPECIFIED: the classifier's init. Each block outputs softmax(logits) @ W_embed, so z_T sits near
+# the class embeddings (the simplex's corners for one-hot). A random classifier gives several classes
+# the same preferred corner; the saturated softmax chain then never separates them (MNIST: two digits
+# at ~0 % recall after 10 epochs). We start it as the readout that maps each embedding to its own
+# class, BACKPROP_CLS_SCALE * pinv(W_embed) (= 5 I for one-hot), zero bias. 0 = random (PyTorch default).
+BACKPROP_CLS_SCALE = 5.0
 
 
-def _read_tfds(name, data_dir, download):
-    """Both splits through tensorflow-datasets' array_record data source (no TensorFlow needed)."""
-    try:
-        import tensorflow_datasets as tfds
-        out = {}
-        for split in ("train", "test"):
-            src = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-            items = [src[i] for i in range(len(src))]
-            out[f"x_{split}"] = np.stack([it["image"] for it in items])
-            out[f"y_{split}"] = np.array([it["label"] for it in items])
-        return out
-    except Exception as e:
-        hint = "" if download else " (pass --download to let it fetch the dataset)"
-        raise ValueError(f"{name}: no {name}.npz in {data_dir!r} and tensorflow-datasets could not "
-                         f"load it{hint}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None, cls_scale=BACKPROP_CLS_SCALE):
+    """init_dt plus the mixing weights w_t of Eq. 18, and the classifier init above."""
+    params, state = init_dt(key, image_shape, m, embedding, T, x, y)
+    params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT), jnp.float32)  # not weak-typed: one compile
+    if cls_scale:
+        params["classifier"] = {"W": cls_scale * jnp.linalg.pinv(class_embeddings(params)), "b": jnp.zeros(m)}
+    return params, state
 
 
-def load_dataset(name, data_dir=None, download=False):
-    """(x_train, y_train, x_test, y_test): float32 images in [0, 1] (N, H, W, C), int32 labels.
+def backprop_chain(params, state, x, z0, drop_keys=None):
+    """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
 
-    Reads {data_dir}/{name}.npz (uint8 x (N,H,W,C), y (N,)) when present, else a TFDS copy
-    prepared in data_dir (fetched first only if download=True: offline, a fetch would hang).
-    NOT SPECIFIED input normalisation: pixels / 255, nothing else. Raises ValueError on bad data.
+    drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    path = os.path.join(data_dir or ".", f"{name}.npz")
-    arrays = _read_npz(path) if os.path.isfile(path) else _read_tfds(name, data_dir, download)
-    shape, m = DATASETS[name]
-    out = []
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        where = f"{name} {split}"
-        if x.ndim == 3 and shape[-1] == 1:
-            x = x[..., None]
-        if x.shape[1:] != shape or x.dtype != np.uint8:
-            raise ValueError(f"{where}: images are {x.dtype}{tuple(x.shape)}, expected uint8(N, {', '.join(map(str, shape))})")
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{where}: labels are {y.dtype}{tuple(y.shape)}, expected integer ({len(x)},)")
-        if len(y) and (y.min() < 0 or y.max() >= m):
-            raise ValueError(f"{where}: labels span {y.min()}..{y.max()}, expected 0..{m - 1}")
-        out += [x.astype(np.float32) / 255.0, y.astype(np.int32)]
-    return tuple(out)
+    W = class_embeddings(params)
+
+    def step(z, inp):
+        block, bn, w, k = inp
+        logits, bn = dt_block(block, bn, x, z, k)
+        return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
+
+    return jax.lax.scan(step, z0, (params["blocks"], state, params["w"], drop_keys))
 
 
-def train_step(params, state, opt_state, key, x, y, *, loss_fn, optimizer):
-    """One optimiser step on loss_fn(params, state, key, x, y) -> (loss, (state, aux))."""
-    (loss, (state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, key, x, y)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), state, opt_state, loss, aux
+def loss_backprop(params, state, key, x, y):
+    """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
+    k0, k_drop = jax.random.split(key)
+    z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
+    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]))
+    ce = cross_entropy(dense(params["classifier"], zT), y)
+    return ce, (state, {"ce": ce})
 
+
+def predict_backprop(params, state, key, x):
+    """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
+    z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
+    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0)[0]), -1)
+
+
+# --- Optimisers (Table 4): AdamW for DT and backprop, "Adam, weight decay 1e-3" for CT and FM ---
 
 def adam_l2(lr, weight_decay, params):
     """CT/FM optimiser "Adam, weight decay 1e-3": PyTorch-style L2 added before Adam's scaling.
@@ -629,251 +566,3 @@ def adam_l2(lr, weight_decay, params):
     """
     mask = {k: jax.tree.map(lambda _: k != "schedule", v) for k, v in params.items()}
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(lr))
-
-
-EVAL_CHUNK = 1000  # images per predict call in evaluate: one compiled shape, bounded memory
-
-
-def evaluate(predict, params, state, key, x, y, runs, chunk=EVAL_CHUNK):
-    """Test accuracy of `runs` independent inference runs (fresh z_0, eps each run).
-
-    predict(params, state, key, x) sees images only; labels are used here, for scoring only.
-    """
-    n = len(x)
-    chunk = min(chunk, n)  # a small test set (--test-limit) is one chunk, not padded to a full one
-    pad = -n % chunk
-    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((-1, chunk) + x.shape[1:])
-    accs = []
-    for r in range(runs):
-        keys = jax.random.split(jax.random.fold_in(key, r), len(xs))
-        preds = jnp.concatenate([predict(params, state, k, xb) for k, xb in zip(keys, xs)])[:n]
-        accs.append(float(jnp.mean(preds == y)))
-    return accs
-
-
-def mean_stderr(values):
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-
-
-# --- Command line, checkpoints and the training loop (one code path for all variants) ---
-
-CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
-           "method": ["noprop", "backprop"]}
-POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
-NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta", "devices")
-
-
-def parse_args(defaults, description, argv=None):
-    """argparse from a dict of defaults; bad values exit with a one-line usage error."""
-    p = argparse.ArgumentParser(description=description)
-    for k, v in defaults.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(v), default=v, choices=CHOICES.get(k))
-    args = p.parse_args(argv)
-    for k in POSITIVE:
-        if k in defaults and not getattr(args, k) > 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for k in NON_NEGATIVE:
-        if k in defaults and not getattr(args, k) >= 0:
-            p.error(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
-    if args.resume and not args.checkpoint_dir:
-        p.error("--resume needs --checkpoint-dir")
-    if getattr(args, "plot", False):
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            p.error("--plot needs matplotlib, an optional extra: pip install matplotlib")
-    return args
-
-
-def prepare_data(args):
-    """Load, apply --train-limit/--test-limit (first N examples), move to the device."""
-    try:
-        x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, args.download)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if args.train_limit:
-        x_tr, y_tr = x_tr[:args.train_limit], y_tr[:args.train_limit]
-    if args.test_limit:
-        x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
-    if len(x_tr) < args.batch_size:
-        sys.exit(f"error: {len(x_tr)} training examples is fewer than one batch of {args.batch_size}")
-    return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))
-
-
-def setup(defaults, description, argv=None):
-    """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
-    args = parse_args(defaults, description, argv)
-    data = prepare_data(args)
-    k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
-    return args, data, DATASETS[args.dataset], k_init, k_run
-
-
-def save_checkpoint(path, tree, meta):
-    """Write the pytree's leaves and a JSON `meta` to `path` (.npz, no pickle), atomically."""
-    arrays = {jax.tree_util.keystr(k): np.asarray(v)
-              for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    arrays["__meta__"] = np.array(json.dumps(meta))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)  # a kill at any moment leaves the last complete file
-
-
-def load_checkpoint(path, template, expect):
-    """Read a checkpoint into the structure of `template`; refuse mismatches with ValueError."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("__meta__")))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
-    for k, v in expect.items():
-        if meta.get(k) != v:
-            raise ValueError(f"{path}: checkpoint has {k}={meta.get(k)!r}, this run has {v!r}")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
-    for kp, ref in leaves:
-        name, a = jax.tree_util.keystr(kp), arrays.get(jax.tree_util.keystr(kp))
-        if a is None or a.shape != np.shape(ref) or a.dtype != np.asarray(ref).dtype:
-            got = "missing" if a is None else f"{a.dtype}{a.shape}"
-            raise ValueError(f"{path}: {name} is {got}, expected {np.asarray(ref).dtype}{np.shape(ref)}")
-        out.append(jnp.asarray(a))
-    return jax.tree_util.tree_unflatten(treedef, out), meta
-
-
-def progress(i, n, t0, quiet):
-    """One-line progress bar with ETA on stderr (--quiet turns it off)."""
-    if quiet:
-        return
-    done = (i + 1) / n
-    eta = (time.time() - t0) / done * (1 - done)
-    line = f"  [{'#' * int(30 * done):<30}] {i + 1}/{n} eta {eta:4.0f}s"
-    print("\r" + (line if i + 1 < n else " " * len(line) + "\r"), end="", file=sys.stderr, flush=True)
-
-
-def place(tree, variant, n):
-    """--devices n, with jax.sharding: where the training state and each batch live.
-
-    NoProp-DT splits its stacked block axis over the devices, so each device trains T/n blocks
-    and only the shared classifier and W_embed gradients cross devices. CT, FM and backprop
-    split the batch (data parallel). jit inserts the collectives; the math is unchanged (tested).
-    Returns (tree placed on the devices, sharding for a batch).
-    """
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("dev",))
-    split, whole = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in (("dev",), ()))
-
-    def where(path, _):
-        keys = [getattr(k, "key", None) for k in path]
-        return split if variant == "dt" and (keys[0] == "state" or "blocks" in keys) else whole
-
-    return jax.device_put(tree, jax.tree_util.tree_map_with_path(where, tree)), (whole if variant == "dt" else split)
-
-
-def device_count(args, variant):
-    """--devices 0 (default): all local devices, or the most that divide the split axis."""
-    size, what = (args.T, "T") if variant == "dt" else (args.batch_size, "--batch-size")
-    n = args.devices or max(k for k in range(1, jax.local_device_count() + 1) if size % k == 0)
-    if n > jax.device_count():
-        sys.exit(f"error: --devices {n}, but only {jax.device_count()} device(s) are visible")
-    if size % n:
-        sys.exit(f"error: --devices {n} must divide {what} = {size}")
-    return n
-
-
-@jax.jit
-def get_batch(x, y, batches, i):
-    """Batch i of an epoch, gathered on the device. batches: (steps, B) example indices."""
-    return x[batches[i]], y[batches[i]]
-
-
-def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
-    """Train for args.epochs, evaluate, checkpoint and write JSON each epoch. Returns the record.
-
-    Randomness depends only on (seed, epoch, step), so a resumed run repeats an uninterrupted one.
-    """
-    x_tr, y_tr, x_te, y_te = data
-    k_train, k_eval = jax.random.split(key)
-    B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
-    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer))
-    tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
-    n_dev = device_count(args, variant)
-    ident = {k: getattr(args, k) for k in ("dataset", "embedding", "seed", "batch_size", "train_limit")}
-    ident["variant"] = variant
-    ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
-    record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind, "devices": n_dev,
-              "history": [], "train_seconds": 0.0}
-    if args.resume and not os.path.exists(ckpt):
-        print(f"no checkpoint at {ckpt} yet: starting from scratch")
-    elif args.resume:
-        try:
-            tree, meta = load_checkpoint(ckpt, tree, ident)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        record.update(history=meta["history"], train_seconds=meta["train_seconds"])
-        print(f"resumed from {ckpt} after epoch {len(record['history'])}")
-    tree, batch_sharding = place(tree, variant, n_dev)
-    for epoch in range(len(record["history"]), args.epochs):
-        k_epoch = jax.random.fold_in(k_train, epoch)
-        batches = jax.random.permutation(k_epoch, len(x_tr))[:steps * B].reshape(steps, B)
-        keys = jax.random.split(jax.random.fold_in(k_epoch, 1), steps)
-        t0, losses, auxes = time.time(), [], []
-        for i in range(steps):
-            xb, yb = jax.device_put(get_batch(x_tr, y_tr, batches, i), batch_sharding)
-            *new, loss, aux = step(tree["params"], tree["state"], tree["opt_state"], keys[i], xb, yb)
-            losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
-            tree = dict(zip(("params", "state", "opt_state"), new))
-            progress(i, steps, t0, args.quiet)
-        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-        check_finite(epoch, jnp.stack(losses), aux, tree, ckpt)
-        seconds = time.time() - t0
-        last = epoch + 1 == args.epochs
-        accs = evaluate(predict, tree["params"], tree["state"], k_eval, x_te, y_te, args.eval_runs if last else 1)
-        record["train_seconds"] += seconds
-        record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),
-                                  "train_seconds": seconds, "images_per_s": steps * B / seconds,
-                                  "test_acc": float(np.mean(accs)),
-                                  "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
-        print(f"epoch {epoch + 1:3d}  loss {record['history'][-1]['loss']:.4f}  train {seconds:6.1f}s  "
-              f"{steps * B / seconds:6.0f} img/s  test acc {100 * np.mean(accs):.2f}%", flush=True)
-        if last:
-            mean, se = mean_stderr(accs)
-            record.update(epochs=args.epochs, test_accs=accs, test_acc_mean=mean, test_acc_stderr=se)
-            print(f"test accuracy over {len(accs)} inference runs: {100 * mean:.2f} +- {100 * se:.2f} (s.e.)")
-        if ckpt:
-            save_checkpoint(ckpt, tree, {**ident, "history": record["history"],
-                                         "train_seconds": record["train_seconds"]})
-        if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(record, f, indent=1)
-    if args.plot:  # learning curves, schedule, prototype embeddings (viz/figures.py)
-        from viz import figures
-        stem = os.path.splitext(args.out)[0] if args.out else f"{variant}_{args.dataset}_{args.embedding}"
-        for path in figures.write(record["history"], variant, DATASETS[args.dataset][0], params, tree["params"],
-                                  getattr(args, "T", 1), stem):
-            print(f"wrote {path}")
-    return record, tree
-
-
-@jax.jit
-def all_finite(tree):
-    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
-
-
-def check_finite(epoch, losses, aux, tree, ckpt):
-    """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
-    ok = jnp.isfinite(losses)
-    losses_ok = bool(ok.all())
-    if losses_ok and bool(all_finite(tree["params"])):
-        return
-    i = len(losses) - 1 if losses_ok else int(jnp.argmin(ok))
-    bad = [k for k, v in aux.items() if not bool(jnp.isfinite(v[i]).all())] or ["parameters"]
-    kept = f"; last good checkpoint kept at {ckpt}" if ckpt else ""
-    sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {i + 1} (bad: {', '.join(bad)}){kept}")

@@ -14,11 +14,13 @@ import optax
 import pytest
 
 import noprop
+from harness import cli, data, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "shared", "data")
+# the real MNIST, when present; NOPROP_TEST_DATA=/nowhere runs the suite as a fresh clone would
+DATA = os.environ.get("NOPROP_TEST_DATA", os.path.join(HERE, "..", "shared", "data"))
 needs_mnist = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "mnist.npz")),
-                                 reason="../shared/data/mnist.npz not present")
+                                 reason=f"{DATA}/mnist.npz not present")
 KEY = jax.random.PRNGKey(0)
 # the tiny training runs below compile the same programs again; share them through jax's disk cache
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "noprop-test-jax-cache"))
@@ -124,7 +126,7 @@ PAPER_COUNTS = {  # paper.md Sec. 4.4: (DT block, CT model) per dataset and embe
 
 @pytest.mark.parametrize("dataset,embedding", PAPER_COUNTS)
 def test_parameter_counts_match_paper_with_valid_convs(dataset, embedding):
-    shape, m = noprop.DATASETS[dataset]
+    shape, m = data.DATASETS[dataset]
     d = noprop.embedding_dim(embedding, shape, m)
     dt, _ = jax.eval_shape(lambda k: noprop.init_dt_block(k, shape, d, m), KEY)
     ct = jax.eval_shape(lambda k: noprop.init_ct_model(k, shape, d, m), KEY)
@@ -222,7 +224,7 @@ def test_dt_learns_mnist_slice_and_ablations_hurt(tmp_path, optimized):
                                   "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
                                   "--eval-runs", "2", "--quiet", "--out", str(out)])
     assert out.exists() and record["test_acc_mean"] > 0.7, record  # chance is 0.1
-    _, _, x_te, y_te = noprop.load_dataset("mnist", DATA)
+    _, _, x_te, y_te = data.load_dataset("mnist", DATA, offline=True)
     x_te, y_te = x_te[:500], y_te[:500]
     params, state, sched = tree["params"], tree["state"], noprop.cosine_schedule(2)
 
@@ -243,7 +245,7 @@ def test_ct_learns_mnist_slice_without_collapse_at_few_steps_and_zero_embedding_
     record, tree = train_ct.main(["--data-dir", DATA, "--batch-size", "32", "--epochs", "8", "--lr", "2e-3",
                                   "--train-limit", "2048", "--test-limit", "500", "--steps", "20",
                                   "--eval-runs", "1", "--quiet"])
-    _, _, x_te, y_te = noprop.load_dataset("mnist", DATA)
+    _, _, x_te, y_te = data.load_dataset("mnist", DATA, offline=True)
     x_te, y_te, params = x_te[:500], y_te[:500], tree["params"]
 
     predict = jax.jit(noprop.predict_ct, static_argnums=4)
@@ -383,40 +385,154 @@ def write_npz(path, **over):
 def test_bad_dataset_files_are_refused(tmp_path, over, message):
     write_npz(tmp_path / "mnist.npz", **over)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        noprop.load_dataset("mnist", str(tmp_path))
+        data.load_dataset("mnist", str(tmp_path))
 
 
 def test_good_npz_loads_and_corrupt_or_unknown_is_refused(tmp_path):
     write_npz(tmp_path / "mnist.npz")
-    x, y, _, _ = noprop.load_dataset("mnist", str(tmp_path))
+    x, y, _, _ = data.load_dataset("mnist", str(tmp_path))
     assert x.dtype == np.float32 and x.shape == (4, 28, 28, 1) and list(y) == [0, 1, 2, 3]
     (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="not a readable .npz"):
-        noprop.load_dataset("mnist", str(tmp_path))
+        data.load_dataset("mnist", str(tmp_path))
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
-        noprop.load_dataset("imagenet", str(tmp_path))
+        data.load_dataset("imagenet", str(tmp_path))
 
 
 def test_tfds_branch_offline_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        x, y, x_te, y_te = noprop.load_dataset("mnist", str(tmp_path))
+        x, y, x_te, y_te = data.load_dataset("mnist", str(tmp_path), offline=True, use_tfds=True)
     assert x.shape == (6, 28, 28, 1) and 0 <= x.min() and x.max() <= 1 and y.max() < 10
+
+
+# --- Download on first use, from a mirror on 127.0.0.1 (these machines are offline) ---
+
+def canonical_files(name, rng):
+    """Small files in each dataset's canonical format, and the arrays they hold."""
+    import gzip, io, tarfile
+    n = {"train": 5, "test": 3}
+    shape, m = data.DATASETS[name]
+    arrays = {f"{a}_{s}": (rng.integers(0, 256, (n[s],) + shape) if a == "x" else rng.integers(0, m, n[s])).astype(np.uint8)
+              for s in n for a in "xy"}
+    if name == "mnist":  # Keras's mnist.npz: (N, 28, 28) images
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v[..., 0] if k[0] == "x" else v for k, v in arrays.items()})
+        return {"mnist.npz": buf.getvalue()}, arrays
+    if name == "fashion_mnist":  # idx: magic (0, 0, 8, rank), big-endian dims, bytes
+        def idx(a):
+            return gzip.compress(bytes([0, 0, 8, a.ndim]) + np.array(a.shape, ">u4").tobytes() + a.tobytes())
+        return {f"{p}-{kind}-idx{r}-ubyte.gz": idx(arrays[f"{a}_{s}"][..., 0] if a == "x" else arrays[f"{a}_{s}"])
+                for s, p in (("train", "train"), ("test", "t10k")) for a, kind, r in (("x", "images", 3), ("y", "labels", 1))}, arrays
+    fine = name == "cifar100"  # binary records: [coarse label,] label, 3072 bytes channel-first
+
+    def records(s, sl=slice(None)):
+        x, y = arrays[f"x_{s}"][sl], arrays[f"y_{s}"][sl]
+        labels = np.stack([y // 5, y], 1) if fine else y[:, None]
+        return np.concatenate([labels, x.transpose(0, 3, 1, 2).reshape(len(x), -1)], 1).astype(np.uint8).tobytes()
+
+    members = {"train.bin": records("train"), "test.bin": records("test")} if fine else \
+        {**{f"data_batch_{i + 1}.bin": records("train", slice(i, i + 1)) for i in range(5)}, "test_batch.bin": records("test")}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for member, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-binary/{member}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return {next(iter(data.SOURCES[name][1])): buf.getvalue()}, arrays
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving tmp_path/www; NOPROP_DATA_URL points at it."""
+    import functools as ft, http.server, threading
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = ft.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NOPROP_DATA_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+
+    def serve(name, corrupt=False):
+        files, arrays = canonical_files(name, np.random.default_rng(0))
+        for f, blob in files.items():
+            (www / f).write_bytes(blob)  # the test's small files stand in for the canonical ones
+        monkeypatch.setitem(data.SOURCES, name, (data.SOURCES[name][0], {
+            f: (len(b), "0" * 64 if corrupt else __import__("hashlib").sha256(b).hexdigest()) for f, b in files.items()}))
+        return arrays
+
+    yield serve
+    server.shutdown()
+
+
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_download_verifies_converts_and_loads_every_dataset(tmp_path, mirror, name):
+    arrays = mirror(name)
+    x, y, x_te, y_te = data.load_dataset(name, str(tmp_path / "cache"))
+    np.testing.assert_array_equal(x, arrays["x_train"] / np.float32(255))
+    np.testing.assert_array_equal(y, arrays["y_train"]), np.testing.assert_array_equal(y_te, arrays["y_test"])
+    np.testing.assert_array_equal(x_te, arrays["x_test"] / np.float32(255))
+    assert sorted(os.listdir(tmp_path / "cache")) == [f"{name}.npz"]  # nothing else left behind
+
+
+def test_wrong_checksum_is_one_line_and_leaves_no_file(tmp_path, mirror):
+    mirror("fashion_mnist", corrupt=True)
+    with pytest.raises(ValueError, match="SHA-256 [0-9a-f]{64} is not the expected 0{64}; file discarded") as e:
+        data.load_dataset("fashion_mnist", str(tmp_path / "cache"))
+    assert "\n" not in str(e.value) and os.listdir(tmp_path / "cache") == []
+
+
+def test_refused_connection_fails_in_seconds_and_offline_never_connects(tmp_path, monkeypatch):
+    import socket, time
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("NOPROP_DATA_URL", f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=f"could not download http://127.0.0.1:{port}/mnist.npz"):
+        data.load_dataset("mnist", str(tmp_path))
+    assert time.time() - t0 < 5
+    with pytest.raises(ValueError, match="no cifar10.npz in .* and --offline forbids downloading it"):
+        data.load_dataset("cifar10", str(tmp_path), offline=True)
+    assert not any(p.name.endswith(".npz") for p in tmp_path.iterdir())
+
+
+def test_first_run_downloads_then_trains(tmp_path, mirror, capsys):
+    mirror("mnist")  # 5 training images: one batch of 4
+    import train_dt
+    record, _ = train_dt.main(["--data-dir", str(tmp_path / "cache"), "--T", "1", "--batch-size", "4",
+                               "--epochs", "1", "--eval-runs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert "downloading http://127.0.0.1" in err and "mnist.npz" in err and len(record["history"]) == 1
+    assert (tmp_path / "cache" / "mnist.npz").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--epochs", "0"], "--epochs must be positive"),
-    (["--data-dir", "/nonexistent", "--dataset", "cifar100"], "error: cifar100: no cifar100.npz"),
+    (["--data-dir", "/nonexistent", "--dataset", "cifar100", "--offline"], "error: no cifar100.npz in /nonexistent"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--method", "sgd"], "invalid choice: 'sgd'"),
-    (["--data-dir", DATA, "--train-limit", "10"], "fewer than one batch")])
-def test_bad_flags_exit_with_one_line_errors(argv, message, capsys):
+    (["--train-limit", "3"], "fewer than one batch")])
+def test_bad_flags_exit_with_one_line_errors(argv, message, capsys, tmp_path):
     import train_dt  # SystemExit, not an exception from inside JAX: Python prints no traceback for it
+    write_npz(tmp_path / "mnist.npz")
     with pytest.raises(SystemExit) as e:
-        train_dt.main(argv)
+        train_dt.main(["--data-dir", str(tmp_path)] + argv)
     # argparse prints usage then one error line (exit 2); our checks exit with the message itself
     last = (capsys.readouterr().err.strip() or str(e.value.code)).splitlines()[-1]
     assert e.value.code not in (0, None) and message in last, last
+
+
+def test_help_gives_every_flag_a_meaning_and_its_default(capsys):
+    import train_ct, train_dt, train_fm
+    for script in (train_dt, train_ct, train_fm):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside words
+        for k, v in script.DEFAULTS.items():
+            assert f"--{k.replace('_', '-')}" in out and "".join(cli.HELP[k].split()) in out, k
+        assert "(default:128)" in out and "(default:0.001)" in out
 
 
 def test_cli_error_from_the_real_script_has_no_traceback(background):
@@ -424,7 +540,7 @@ def test_cli_error_from_the_real_script_has_no_traceback(background):
     assert r.returncode != 0 and "invalid choice: 'imagenet'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-# --- Checkpoints, resume and the NaN guard (one code path: noprop.fit) ---
+# --- Checkpoints, resume and the NaN guard (one code path: harness.loop.fit) ---
 
 def tiny_run(tmp_path, *extra):
     rng = np.random.default_rng(0)
@@ -510,6 +626,7 @@ def background(request, tmp_path_factory):
 
 SHARDED_STEP = """
 import functools, jax, jax.numpy as jnp, numpy as np, noprop
+from harness import loop
 assert jax.device_count() == 2
 key, shape = jax.random.PRNGKey(0), (16, 16, 1)
 x, y = jax.random.uniform(key, (8,) + shape), jnp.arange(8) % 10
@@ -522,7 +639,7 @@ for variant in ("dt", "ct"):
     # the step's math is loss, new BN state and gradients (the optimiser update is elementwise)
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     ref = grad(params, state, key, x, y)
-    placed, batch = noprop.place({"params": params, "state": state}, variant, 2)
+    placed, batch = loop.place({"params": params, "state": state}, variant, 2)
     out = grad(placed["params"], placed["state"], key, *jax.device_put((x, y), batch))
     split = out[1]["blocks"]["out"]["W"] if variant == "dt" else placed["params"]["model"]["out"]["W"]
     assert len(split.sharding.device_set) == 2
@@ -568,7 +685,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys):
     import train_dt
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(SystemExit):
-        noprop.parse_args(train_dt.DEFAULTS, "", ["--plot"])
+        cli.parse_args(train_dt.DEFAULTS, "", ["--plot"])
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from harness import loop  # noqa: E402
 
 
 def seconds(f, *args, reps, warmup=True):
@@ -60,7 +61,7 @@ def bench_steps(shape, m, B, T, reps, rate, key):
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
     rows = {}
     for name, ((params, state), loss, opt) in train_steps(shape, m, B, T, key).items():
-        step = functools.partial(noprop.train_step, loss_fn=loss, optimizer=opt)
+        step = functools.partial(loop.train_step, loss_fn=loss, optimizer=opt)
         args = (params, state, opt.init(params), key, x, y)
         compiled = jax.jit(step).lower(*args).compile()
         s, mem = seconds(compiled, *args, reps=reps), compiled.memory_analysis()
@@ -76,17 +77,17 @@ def bench_dispatch(shape, m, B, n_steps, key):
     """One epoch of CT steps: a Python loop over batches vs one compiled lax.scan over batches."""
     params, state = noprop.init_ct(key, shape, m)
     opt = noprop.adam_l2(1e-3, 1e-3, params)
-    step = functools.partial(noprop.train_step, loss_fn=noprop.loss_ct, optimizer=opt)
+    step = functools.partial(loop.train_step, loss_fn=noprop.loss_ct, optimizer=opt)
     x = jax.random.uniform(key, (n_steps * B,) + shape)
     y = jax.random.randint(key, (n_steps * B,), 0, m)
     batches, keys = jnp.arange(n_steps * B).reshape(n_steps, B), jax.random.split(key, n_steps)
     jstep = jax.jit(step)
     tree = (params, state, opt.init(params))
-    jax.block_until_ready(jstep(*tree, keys[0], *noprop.get_batch(x, y, batches, 0)))  # compile only
+    jax.block_until_ready(jstep(*tree, keys[0], *loop.get_batch(x, y, batches, 0)))  # compile only
 
     def python_loop(tree):
         for i in range(n_steps):
-            tree = jstep(*tree, keys[i], *noprop.get_batch(x, y, batches, i))[:3]
+            tree = jstep(*tree, keys[i], *loop.get_batch(x, y, batches, i))[:3]
         return tree
 
     def scanned(tree):
@@ -123,10 +124,10 @@ def bench_inference(shape, m, n_images, steps, n_slice, key):
     rows = {}
     for variant, predict in (("ct", noprop.predict_ct), ("fm", noprop.predict_fm)):
         fast = jax.jit(functools.partial(predict, steps=steps))
-        evaluate = lambda p: noprop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path, in chunks
+        evaluate = lambda p: loop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path, in chunks
         slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
         slow = slow.lower(params, key, x[:n_slice]).compile()
-        jax.block_until_ready(fast(params, {}, key, x[:noprop.EVAL_CHUNK]))  # compile evaluate's chunk shape
+        jax.block_until_ready(fast(params, {}, key, x[:loop.EVAL_CHUNK]))  # compile evaluate's chunk shape
         t_fast = seconds(evaluate, params, reps=1, warmup=False)
         t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
         rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,

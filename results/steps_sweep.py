@@ -1,6 +1,6 @@
 """Test accuracy and time against inference steps for a trained CT or FM checkpoint.
 
-python results/steps_sweep.py CHECKPOINT.npz --data-dir ../shared/data --out results/ct_steps.json
+python results/steps_sweep.py CHECKPOINT.npz --out results/ct_steps.json
 """
 import argparse, functools, json, os, sys, time
 
@@ -9,11 +9,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from harness import loop  # noqa: E402
 from viz.figures import restore  # noqa: E402
+from harness.data import default_data_dir  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("checkpoint")
-p.add_argument("--data-dir", default="data")
+p.add_argument("--data-dir", default=default_data_dir())
 p.add_argument("--steps", default="10,20,40,100,1000")
 p.add_argument("--eval-runs", type=int, default=5)
 p.add_argument("--out", default="")
@@ -29,11 +31,11 @@ k_eval = jax.random.split(k_run)[1]  # the key fit() evaluates with
 rows = []
 for steps in map(int, args.steps.split(",")):
     predict = jax.jit(functools.partial(predict_fn, steps=steps))
-    noprop.evaluate(predict, tree["params"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
+    loop.evaluate(predict, tree["params"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
     t0 = time.time()
-    accs = noprop.evaluate(predict, tree["params"], {}, k_eval, x_te, y_te, args.eval_runs)
+    accs = loop.evaluate(predict, tree["params"], {}, k_eval, x_te, y_te, args.eval_runs)
     seconds = (time.time() - t0) / args.eval_runs
-    mean, se = noprop.mean_stderr(accs)
+    mean, se = loop.mean_stderr(accs)
     rows.append({"steps": steps, "test_accs": accs, "mean": mean, "stderr": se, "seconds_per_run": seconds})
     print(f"{steps:5d} steps: {100 * mean:.2f} +- {100 * se:.2f} %  ({seconds:.1f} s per run of {len(x_te)} images)", flush=True)
 if args.out:

@@ -1,4 +1,4 @@
-"""Figures of a run (issue #6): learning curves, the noise schedule, learned prototype embeddings.
+"""Figures of a run: learning curves, the noise schedule, learned prototype embeddings.
 
 Written by `--plot` at the end of training, or afterwards from a checkpoint:
   python -m viz.figures CHECKPOINT.npz --out-dir results/figures
@@ -9,9 +9,12 @@ import argparse, json, os, sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from harness.checkpoint import load_checkpoint  # noqa: E402
+from harness.data import DATASETS, default_data_dir, load_dataset  # noqa: E402
 
 
 def write(history, variant, image_shape, params_before, params_after, T, stem):
@@ -69,6 +72,14 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     return paths
 
 
+def plot_run(args, variant, record, params_before, params_after):
+    """--plot: the figures of a finished run, next to its --out JSON (or in the working directory)."""
+    stem = os.path.splitext(args.out)[0] if args.out else f"{variant}_{args.dataset}_{args.embedding}"
+    for path in write(record["history"], variant, DATASETS[args.dataset][0], params_before, params_after,
+                      getattr(args, "T", 1), stem):
+        print(f"wrote {path}")
+
+
 def restore(checkpoint, data_dir):
     """A run as the scripts built it, from its checkpoint: (meta, initial params, trained tree, T, data).
 
@@ -79,8 +90,8 @@ def restore(checkpoint, data_dir):
         meta = json.loads(str(f["__meta__"]))
         blocks = "['params']['blocks']['out']['b']"
         T = f[blocks].shape[0] if blocks in f.files else 1
-    shape, m = noprop.DATASETS[meta["dataset"]]
-    data = noprop.load_dataset(meta["dataset"], data_dir)
+    shape, m = DATASETS[meta["dataset"]]
+    data = load_dataset(meta["dataset"], data_dir, offline=True)
     x, y = data[:2]
     if meta.get("train_limit"):
         x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
@@ -91,20 +102,20 @@ def restore(checkpoint, data_dir):
     else:
         init = noprop.init_backprop if meta["variant"] == "backprop" else noprop.init_dt
         params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
-        opt = noprop.optax.adamw(1e-3)
+        opt = optax.adamw(1e-3)
     template = {"params": params, "state": state, "opt_state": opt.init(params)}
-    tree, _ = noprop.load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    tree, _ = load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
     return meta, params, tree, T, data
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--data-dir", default="data", help="for the prototype embeddings' initial medoids")
+    p.add_argument("--data-dir", default=default_data_dir(), help="for the prototype embeddings' initial medoids")
     p.add_argument("--out-dir", default="results/figures")
     a = p.parse_args(argv)
     meta, params, tree, T, _ = restore(a.checkpoint, a.data_dir)
-    variant, shape = meta["variant"], noprop.DATASETS[meta["dataset"]][0]
+    variant, shape = meta["variant"], DATASETS[meta["dataset"]][0]
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"{variant}_{meta['dataset']}_{meta['embedding']}")
     for path in write(meta["history"], variant, shape, params, tree["params"], T, stem):

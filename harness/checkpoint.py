@@ -1,0 +1,42 @@
+"""Checkpoints: a pytree's leaves and a JSON record in one .npz (no pickle), written atomically."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def save_checkpoint(path, tree, meta):
+    """Write the pytree's leaves and a JSON `meta` to `path`, atomically."""
+    arrays = {jax.tree_util.keystr(k): np.asarray(v)
+              for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)  # a kill at any moment leaves the last complete file
+
+
+def load_checkpoint(path, template, expect):
+    """Read a checkpoint into the structure of `template`; refuse mismatches with ValueError."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    for k, v in expect.items():
+        if meta.get(k) != v:
+            raise ValueError(f"{path}: checkpoint has {k}={meta.get(k)!r}, this run has {v!r}")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for kp, ref in leaves:
+        name, a = jax.tree_util.keystr(kp), arrays.get(jax.tree_util.keystr(kp))
+        if a is None or a.shape != np.shape(ref) or a.dtype != np.asarray(ref).dtype:
+            got = "missing" if a is None else f"{a.dtype}{a.shape}"
+            raise ValueError(f"{path}: {name} is {got}, expected {np.asarray(ref).dtype}{np.shape(ref)}")
+        out.append(jnp.asarray(a))
+    return jax.tree_util.tree_unflatten(treedef, out), meta

@@ -1,0 +1,96 @@
+"""Command-line flags shared by the three scripts: meanings, checks, and the start of a run."""
+import argparse
+import sys
+
+import jax
+
+from harness.data import DATASETS, default_data_dir, load_dataset
+
+HELP = {
+    "dataset": "dataset to train on",
+    "data_dir": "where {dataset}.npz is read from, or downloaded to on first use ($NOPROP_DATA overrides the default)",
+    "offline": "never touch the network: fail if the dataset is not already in --data-dir",
+    "tfds": "read a copy prepared by tensorflow-datasets in --data-dir (preparing one needs TensorFlow)",
+    "embedding": "class embedding W_embed: onehot (fixed identity), dim20 (learned, 20-d) or prototype (learned, image-sized)",
+    "method": "noprop trains each block alone (Eq. 8); backprop trains the same chained blocks end to end (Eqs. 17-19)",
+    "cls_scale": "backprop only: the classifier starts as cls_scale * pinv(W_embed); 0 = random init",
+    "epochs": "training epochs (the paper's count is the default)",
+    "batch_size": "examples per step",
+    "lr": "learning rate",
+    "weight_decay": "weight decay (AdamW for DT/backprop, L2 before Adam for CT/FM)",
+    "T": "number of blocks (diffusion steps)",
+    "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
+    "steps": "inference steps on [0, 1]",
+    "clip": "clip the global gradient norm at this value; 0 = no clipping",
+    "seed": "random seed of initialisation, batches, noise and evaluation",
+    "eval_runs": "independent inference runs at the end (mean +- standard error)",
+    "train_limit": "train on the first N training images only; 0 = all",
+    "test_limit": "evaluate on the first N test images only; 0 = all",
+    "deterministic": "inference without the noise eps of Eq. 3",
+    "out": "write the run's record (history, accuracies, settings) to this JSON file",
+    "checkpoint_dir": "save a checkpoint here after every epoch",
+    "resume": "continue from the checkpoint in --checkpoint-dir",
+    "quiet": "no progress bar",
+    "plot": "write figures next to --out at the end (needs matplotlib)",
+    "devices": "devices to train on; 0 = all local ones (the most that divide T for DT, the batch otherwise)",
+}
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
+           "method": ["noprop", "backprop"]}
+POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
+NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip")
+
+
+def parse_args(defaults, description, argv=None):
+    """argparse from a dict of defaults; bad values exit with a one-line usage error."""
+    p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    for k, v in defaults.items():
+        flag, help = "--" + k.replace("_", "-"), HELP[k]
+        v = v or default_data_dir() if k == "data_dir" else v
+        if isinstance(v, bool):
+            p.add_argument(flag, action="store_true", help=help)
+        else:
+            p.add_argument(flag, type=type(v), default=v, choices=CHOICES.get(k), help=help)
+    args = p.parse_args(argv)
+    for k in POSITIVE:
+        if k in defaults and not getattr(args, k) > 0:
+            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    for k in NON_NEGATIVE:
+        if k in defaults and not getattr(args, k) >= 0:
+            p.error(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    if getattr(args, "plot", False):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib, an optional extra: pip install matplotlib")
+    return args
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the script's docstring as written and shows every flag's default."""
+
+
+def prepare_data(args):
+    """Load, apply --train-limit/--test-limit (first N examples), move to the device."""
+    if not args.quiet:
+        print(f"loading {args.dataset} from {args.data_dir}...", flush=True)
+    try:
+        x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, args.offline, args.tfds)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.train_limit:
+        x_tr, y_tr = x_tr[:args.train_limit], y_tr[:args.train_limit]
+    if args.test_limit:
+        x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
+    if len(x_tr) < args.batch_size:
+        sys.exit(f"error: {len(x_tr)} training examples is fewer than one batch of {args.batch_size}")
+    return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))
+
+
+def setup(defaults, description, argv=None):
+    """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
+    args = parse_args(defaults, description, argv)
+    data = prepare_data(args)
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
+    return args, data, DATASETS[args.dataset], k_init, k_run
