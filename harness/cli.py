@@ -12,9 +12,10 @@ HELP = {
     "offline": "never touch the network: fail if the dataset is not already in --data-dir",
     "tfds": "read a copy prepared by tensorflow-datasets in --data-dir (preparing one needs TensorFlow)",
     "embedding": "class embedding W_embed: onehot (fixed identity), dim20 (learned, 20-d) or prototype (learned, image-sized)",
-    "method": "noprop trains each block alone (Eq. 8); backprop trains the same chained blocks end to end (Eqs. 17-19)",
+    "method": "noprop, or a baseline of Table 1: backprop (train_dt.py: the same blocks chained, trained end to end, "
+              "Eqs. 17-19) or adjoint (train_ct.py: the CT model as a neural ODE, adjoint gradients)",
     "cls_scale": "backprop only: the classifier starts as cls_scale * pinv(W_embed); 0 = random init",
-    "epochs": "training epochs (the paper's count is the default)",
+    "epochs": "training epochs; 0 = the paper's count for this dataset and method (Table 4)",
     "batch_size": "examples per step",
     "lr": "learning rate",
     "weight_decay": "weight decay (AdamW for DT/backprop, L2 before Adam for CT/FM)",
@@ -34,14 +35,19 @@ HELP = {
     "plot": "write figures next to --out at the end (needs matplotlib)",
     "devices": "devices to train on; 0 = all local ones (the most that divide T for DT, the batch otherwise)",
 }
-CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
-           "method": ["noprop", "backprop"]}
-POSITIVE = ("epochs", "batch_size", "eval_runs", "T", "steps", "lr")
-NON_NEGATIVE = ("train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip")
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
+POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr")
+NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip")
+# Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
+PAPER_EPOCHS = {"dt": (100, 150, 150), "backprop": (100, 150, 150), "ct": (100, 500, 1000), "adjoint": (2, 4, 4),
+                "fm": (100, 500, 1000)}
 
 
-def parse_args(defaults, description, argv=None):
-    """argparse from a dict of defaults; bad values exit with a one-line usage error."""
+def parse_args(defaults, description, argv=None, variants=None):
+    """argparse from a dict of defaults; bad values exit with a one-line usage error.
+
+    variants: --method value -> variant name (its key in PAPER_EPOCHS), e.g. {"noprop": "ct", "adjoint": "adjoint"}.
+    """
     p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
     for k, v in defaults.items():
         flag, help = "--" + k.replace("_", "-"), HELP[k]
@@ -49,7 +55,7 @@ def parse_args(defaults, description, argv=None):
         if isinstance(v, bool):
             p.add_argument(flag, action="store_true", help=help)
         else:
-            p.add_argument(flag, type=type(v), default=v, choices=CHOICES.get(k), help=help)
+            p.add_argument(flag, type=type(v), default=v, choices=list(variants) if k == "method" else CHOICES.get(k), help=help)
     args = p.parse_args(argv)
     for k in POSITIVE:
         if k in defaults and not getattr(args, k) > 0:
@@ -57,6 +63,9 @@ def parse_args(defaults, description, argv=None):
     for k in NON_NEGATIVE:
         if k in defaults and not getattr(args, k) >= 0:
             p.error(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    args.variant = variants[getattr(args, "method", "noprop")]
+    if not args.epochs:
+        args.epochs = PAPER_EPOCHS[args.variant][{"cifar10": 1, "cifar100": 2}.get(args.dataset, 0)]
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     if getattr(args, "plot", False):
@@ -88,9 +97,9 @@ def prepare_data(args):
     return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))
 
 
-def setup(defaults, description, argv=None):
+def setup(defaults, description, variants, argv=None):
     """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
-    args = parse_args(defaults, description, argv)
+    args = parse_args(defaults, description, argv, variants)
     data = prepare_data(args)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
     return args, data, DATASETS[args.dataset], k_init, k_run

@@ -104,12 +104,15 @@ def get_batch(x, y, batches, i):
     return x[batches[i]], y[batches[i]]
 
 
-def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
+def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
     """Train for args.epochs, evaluate, checkpoint and write JSON each epoch. Returns the record.
+
+    also: {name: predict} of other inference modes, each scored on the test set as test_acc_{name}.
 
     Randomness depends only on (seed, epoch, step), so a resumed run repeats an uninterrupted one.
     """
     x_tr, y_tr, x_te, y_te = data
+    variant = args.variant
     x_fit, y_fit = x_tr[:TRAIN_EVAL], y_tr[:TRAIN_EVAL]  # train accuracy: the first 10,000 training images
     k_train, k_eval = jax.random.split(key)
     B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
@@ -152,14 +155,16 @@ def fit(args, variant, loss_fn, predict, params, state, optimizer, data, key):
         preds = predictions(predict, tree["params"], tree["state"], k_eval, x_te, runs)
         accs = [float(np.mean(p == np.asarray(y_te))) for p in preds]
         train_accs = evaluate(predict, tree["params"], tree["state"], jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
+        others = {f"test_acc_{name}": float(np.mean(evaluate(p, tree["params"], tree["state"], k_eval, x_te, y_te, runs)))
+                  for name, p in (also or {}).items()}
         record["train_seconds"] += seconds
         record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),
                                   "train_seconds": seconds, "images_per_s": steps * B / seconds,
-                                  "train_acc": float(np.mean(train_accs)), "test_acc": float(np.mean(accs)),
+                                  "train_acc": float(np.mean(train_accs)), "test_acc": float(np.mean(accs)), **others,
                                   "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
         print(f"epoch {epoch + 1:3d}  loss {record['history'][-1]['loss']:.4f}  train {seconds:6.1f}s  "
               f"{steps * B / seconds:6.0f} img/s  train acc {100 * np.mean(train_accs):.2f}%  "
-              f"test acc {100 * np.mean(accs):.2f}%", flush=True)
+              f"test acc {100 * np.mean(accs):.2f}%" + "".join(f"  {k[9:]} {100 * v:.2f}%" for k, v in others.items()), flush=True)
         if last:
             mean, se = mean_stderr(accs)
             tr_mean, tr_se = mean_stderr(train_accs)

@@ -17,6 +17,9 @@ from harness.checkpoint import load_checkpoint  # noqa: E402
 from harness.data import DATASETS, default_data_dir, load_dataset  # noqa: E402
 
 
+NAMES = {"dt": "NoProp-DT", "ct": "NoProp-CT", "fm": "NoProp-FM", "backprop": "Backprop", "adjoint": "Adjoint"}
+
+
 def write(history, variant, image_shape, params_before, params_after, T, stem):
     """Write {stem}_curves.png, {stem}_schedule.png (DT, CT) and {stem}_embeddings.png (prototype)."""
     import matplotlib
@@ -36,7 +39,7 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     a1.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log")
     a2.plot(epochs, [100 * h["test_acc"] for h in history], "o-")
     a2.set(xlabel="epoch", ylabel="test accuracy (%)")
-    fig.suptitle(f"{'Backprop' if variant == 'backprop' else 'NoProp-' + variant.upper()} learning curves")
+    fig.suptitle(f"{NAMES[variant]} learning curves")
     save(fig, "curves")
 
     if variant in ("dt", "ct"):
@@ -72,8 +75,9 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     return paths
 
 
-def plot_run(args, variant, record, params_before, params_after):
+def plot_run(args, record, params_before, params_after):
     """--plot: the figures of a finished run, next to its --out JSON (or in the working directory)."""
+    variant = args.variant
     stem = os.path.splitext(args.out)[0] if args.out else f"{variant}_{args.dataset}_{args.embedding}"
     for path in write(record["history"], variant, DATASETS[args.dataset][0], params_before, params_after,
                       getattr(args, "T", 1), stem):
@@ -99,6 +103,9 @@ def restore(checkpoint, data_dir):
     if meta["variant"] in ("ct", "fm"):
         params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
         opt = noprop.adam_l2(1e-3, 1e-3, params)
+    elif meta["variant"] == "adjoint":
+        params, state = noprop.init_adjoint(k_init, shape, m, meta["embedding"], x, y)
+        opt = optax.adamw(1e-3)
     else:
         init = noprop.init_backprop if meta["variant"] == "backprop" else noprop.init_dt
         params, state = init(k_init, shape, m, meta["embedding"], T, x, y)

@@ -1,0 +1,79 @@
+"""The README's "Experiments to try": short MNIST runs, one question each.
+
+python -m results.experiments [--data-dir DIR]   # runs what is missing, then rewrites the README section
+
+Each run writes results/experiments/{name}.json and .log. The runs are deliberately short
+(a slice of MNIST, 2 epochs, 100 inference steps), so compare numbers within a question only.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHORT = ["--train-limit", "12800", "--test-limit", "2000", "--epochs", "2", "--steps", "100", "--eval-runs", "2"]
+SLICE = ["--T", "2", "--batch-size", "16", "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
+         "--epochs", "2", "--eval-runs", "2"]  # the test suite's DT budget: 256 steps of 16 images
+QUESTIONS = [  # (question, [(run name, script, flags)], what the table shows)
+    ("Does CT need gradient clipping? (`--clip`)",
+     [("ct_clip1", "train_ct.py", SHORT), ("ct_clip0", "train_ct.py", SHORT + ["--clip", "0"])]),
+    ("What does eta, the weight of the denoising term, do in CT? (`--eta`)",
+     [("ct_eta0.1", "train_ct.py", SHORT + ["--eta", "0.1"]), ("ct_clip1", "train_ct.py", SHORT),
+      ("ct_eta10", "train_ct.py", SHORT + ["--eta", "10"])]),
+    ("Fixed one-hot, learned 20-d or learned image-sized (prototype) class embeddings? (`--embedding`, FM)",
+     [(f"fm_{e}", "train_fm.py", SHORT + ["--embedding", e]) for e in ("onehot", "dim20", "prototype")]),
+    ("Does the backprop baseline need its classifier init? (`--cls-scale`, T = 2 blocks)",
+     [("backprop_cls5", "train_dt.py", SLICE + ["--method", "backprop"]),
+      ("backprop_cls0", "train_dt.py", SLICE + ["--method", "backprop", "--cls-scale", "0"]),
+      ("dt_slice", "train_dt.py", SLICE)]),
+]
+
+
+def run(name, script, flags, data_dir):
+    out = os.path.join(HERE, "experiments", f"{name}.json")
+    if os.path.exists(out):
+        return json.load(open(out))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    cmd = [sys.executable, script, *flags, "--seed", "0", "--quiet", "--out", f"results/experiments/{name}.json"]
+    with open(out[:-5] + ".log", "w") as log:
+        if subprocess.run(cmd + (["--data-dir", data_dir] if data_dir else []), cwd=ROOT, stdout=log, stderr=log).returncode:
+            sys.exit(f"error: {name} failed; see results/experiments/{name}.log")
+    return json.load(open(out))
+
+
+def section(data_dir):
+    lines = []
+    for question, runs in QUESTIONS:
+        lines += [f"**{question}**", "", "| command | test % | also | train s |", "|---|---:|---|---:|"]
+        for name, script, flags in runs:
+            r = run(name, script, flags, data_dir)
+            last = r["history"][-1]
+            also = ", ".join(f"{k[9:]} {100 * v:.1f} %" for k, v in last.items() if k.startswith("test_acc_"))
+            dead = sum(1 for v in r.get("test_class_recall", []) if v is not None and v < 0.05)
+            also += (", " if also else "") + f"{dead} dead classes" if "backprop" in name else ""
+            lines.append(f"| `python {script} {' '.join(flags)}` | {100 * r['test_acc_mean']:.1f} | {also} | "
+                         f"{r['train_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="", help="passed to the scripts (default: theirs)")
+    a = p.parse_args(argv)
+    text = section(a.data_dir)
+    path = os.path.join(ROOT, "README.md")
+    s = open(path).read()
+    s = re.sub(r"<!-- experiments -->.*?<!-- /experiments -->",
+               lambda _: "<!-- experiments -->\n" + text + "<!-- /experiments -->", s, flags=re.S)
+    with open(path + ".tmp", "w") as f:
+        f.write(s)
+    os.replace(path + ".tmp", path)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
