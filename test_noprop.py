@@ -741,7 +741,8 @@ def test_bench_speed_runs_end_to_end_on_tiny_shapes(background):
     r = background("bench")
     assert r.returncode == 0 and "inference" in r.stdout, r.stderr[-3000:]
     out = json.load(open(r.args[r.args.index("--out") + 1]))
-    assert set(out["train_step"]) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm"}
+    assert set(out["train_step"]) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm",
+                                      "adjoint"}
     for r in out["train_step"].values():
         assert r["ms_per_step"] > 0 and r["gflop_per_step"] > 0 and r["temp_mb"] >= 0
     # the all-blocks step does T times the one-block work; backprop keeps every block's activations
@@ -749,6 +750,32 @@ def test_bench_speed_runs_end_to_end_on_tiny_shapes(background):
     assert 1.5 < s["noprop_dt_all_blocks"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
     assert out["dispatch"]["scan_steps_per_s"] > 0 and out["inference"]["ct"]["speedup"] > 0
     assert out["matmul_gflop_per_s"] > 0
+
+
+# --- results.reproduce: the paper's Table 1 as a plan ---
+
+def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
+    from results import reproduce
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # for the script it starts: meaning, not speed
+    reproduce.main(["--dry-run"])
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == 13 * 3 * 3  # 13 rows of Table 1 x 3 datasets x 3 seeds
+    assert any("--method adjoint --dataset cifar100 --embedding onehot --epochs 4 " in c for c in plan)
+    rng = np.random.default_rng(0)
+    write_npz(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+              y_train=rng.integers(0, 10, 40).astype(np.uint8))
+    argv = ["--rows", "dt_mnist_onehot", "--seeds", "0", "--epochs", "1", "--data-dir", str(tmp_path),
+            "--results-dir", str(tmp_path / "out"), "--checkpoint-root", str(tmp_path / "ck"),
+            "--extra", "--T 1 --batch-size 32 --eval-runs 2"]
+    os.makedirs(tmp_path / "out")
+    reproduce.main(argv)
+    assert "running dt_mnist_onehot seed 0" in capsys.readouterr().out
+    rec = json.load(open(tmp_path / "out" / "dt_mnist_onehot_s0.json"))
+    assert rec["epochs"] == 1 and len(rec["test_accs"]) == 2 and len(rec["train_accs"]) == 2
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
+    assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
+    reproduce.main(argv)  # finished: nothing runs again
+    assert "running" not in capsys.readouterr().out
 
 
 # --- Figures (--plot; matplotlib is optional) ---

@@ -10,6 +10,7 @@ import optax
 
 import noprop
 from harness import cli, loop
+from viz import figures
 
 DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT and Backprop rows
     dataset="mnist", data_dir="", offline=False, tfds=False, embedding="onehot",
@@ -43,11 +44,7 @@ def main(argv=None):
                           for s in (not args.deterministic, args.deterministic))
         also = {"stochastic" if args.deterministic else "deterministic": other}
     optimizer = optax.adamw(args.lr, weight_decay=args.weight_decay)
-    record, tree = loop.fit(args, loss, predict, params, state, optimizer, data, k_run, also)
-    if args.plot:
-        from viz import figures
-        figures.plot_run(args, record, params, tree["params"])
-    return record, tree
+    return figures.finish(args, params, *loop.fit(args, loss, predict, params, state, optimizer, data, k_run, also))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import jax
 
 import noprop
 from harness import cli, loop
+from viz import figures
 
 DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-FM row
     dataset="mnist", data_dir="", offline=False, tfds=False, embedding="onehot",
@@ -26,11 +27,7 @@ def main(argv=None):
           f"parameters, {len(data[0])} train / {len(data[2])} test images, {args.steps} inference steps")
     predict = jax.jit(functools.partial(noprop.predict_fm, steps=args.steps))
     optimizer = noprop.adam_l2(args.lr, args.weight_decay, params)
-    record, tree = loop.fit(args, noprop.loss_fm, predict, params, state, optimizer, data, k_run)
-    if args.plot:
-        from viz import figures
-        figures.plot_run(args, record, params, tree["params"])
-    return record, tree
+    return figures.finish(args, params, *loop.fit(args, noprop.loss_fm, predict, params, state, optimizer, data, k_run))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 python -m bench.speed            # ~5 min on the 2-core CPU; writes results/bench.json
 python -m bench.speed --quick    # shorter: fewer repetitions, 1,000 images, 100 inference steps
+python -m bench.speed --memory --out results/memory.json   # compiled temporaries only (the paper's Table 2)
 
 Shapes are MNIST's (28x28x1, 10 classes, batch 128) with random weights and inputs: time does
 not depend on the values. FLOPs are XLA's own count of the compiled program (cost_analysis).
@@ -42,7 +43,7 @@ def matmul_rate(n, reps):
     return 2 * n ** 3 / seconds(f, a, reps=reps)
 
 
-def train_steps(shape, m, B, T, key):
+def train_steps(shape, m, B, T, key, ode_steps):
     """name -> (init, loss, optimizer) of every training step measured."""
     adamw = optax.adamw(1e-3, weight_decay=1e-3)
     ct = noprop.init_ct(key, shape, m)
@@ -54,19 +55,25 @@ def train_steps(shape, m, B, T, key):
         "backprop": (noprop.init_backprop(key, shape, m, T=T), noprop.loss_backprop, adamw),
         "noprop_ct": (ct, noprop.loss_ct, noprop.adam_l2(1e-3, 1e-3, ct[0])),
         "noprop_fm": (ct, noprop.loss_fm, noprop.adam_l2(1e-3, 1e-3, ct[0])),
+        "adjoint": (noprop.init_adjoint(key, shape, m), functools.partial(noprop.loss_adjoint, steps=ode_steps), adamw),
     }
 
 
-def bench_steps(shape, m, B, T, reps, rate, key):
+def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False):
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
     rows = {}
-    for name, ((params, state), loss, opt) in train_steps(shape, m, B, T, key).items():
+    for name, ((params, state), loss, opt) in train_steps(shape, m, B, T, key, ode_steps).items():
         step = functools.partial(loop.train_step, loss_fn=loss, optimizer=opt)
         args = (params, state, opt.init(params), key, x, y)
         compiled = jax.jit(step).lower(*args).compile()
-        s, mem = seconds(compiled, *args, reps=reps), compiled.memory_analysis()
-        # XLA counts a loop body once: backprop's lax.scan over the T blocks runs it T times
-        flops = cost(compiled) * (T if name == "backprop" else 1)
+        mem = compiled.memory_analysis()
+        if memory_only:
+            rows[name] = {"temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
+            print(f"{name:28s} temporaries {rows[name]['temp_mb']:8.1f} MB", flush=True)
+            continue
+        s = seconds(compiled, *args, reps=reps)
+        # XLA counts a loop body once: backprop's scan runs it T times, the adjoint's two scans ode_steps times
+        flops = cost(compiled) * {"backprop": T, "adjoint": ode_steps}.get(name, 1)
         rows[name] = {"ms_per_step": 1000 * s, "images_per_s": B / s, "gflop_per_step": flops / 1e9,
                       "fraction_of_matmul_rate": flops / s / rate,
                       "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
@@ -139,18 +146,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="~30 s version: fewer repetitions and images")
     p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2 (for the test)")
+    p.add_argument("--memory", action="store_true", help="only the compiled temporaries of each training step (no timing)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench.json"))
     a = p.parse_args(argv)
     key = jax.random.PRNGKey(0)
     shape, m, B, T = ((16, 16, 1), 10, 8, 2) if a.tiny else ((28, 28, 1), 10, 128, 10)
     reps, n_images, steps, n_slice, epoch = (2, 64, 5, 8, 4) if a.tiny else (3, 1000, 100, 100, 60) if a.quick \
         else (5, 10000, 1000, 100, 60000 // 128)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+    ode_steps = 5 if a.tiny else 1000
+    if a.memory:
+        return write(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "adjoint_steps": ode_steps,
+                             "train_step": bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True)})
     rate = matmul_rate(256 if a.tiny else 2048, reps)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+    out = {"machine": machine,
            "jax": jax.__version__, "quick": a.quick, "tiny": a.tiny, "batch": B, "T": T,
            "matmul_gflop_per_s": rate / 1e9}
     print(f"machine: {out['machine']}, jax {jax.__version__}; float32 matmul {rate / 1e9:.0f} GFLOP/s")
-    out["train_step"] = bench_steps(shape, m, B, T, reps, rate, key)
+    out["train_step"] = bench_steps(shape, m, B, T, reps, rate, key, ode_steps)
     print(f"\n{'training step, batch %d' % B:28s} {'ms/step':>8s} {'img/s':>7s} {'GFLOP':>7s} {'of matmul':>9s} "
           f"{'temp MB':>8s} {'args MB':>8s}")
     for name, r in out["train_step"].items():
@@ -170,9 +183,14 @@ def main(argv=None):
     for v, i in out["inference"].items():
         print(f"{v.upper()} inference, {i['images']} images x {i['steps']} steps: features once {i['features_once_s']:.1f} s, "
               f"recompute {i['recompute_s_scaled']:.0f} s (timed on {i['recompute_slice']}, scaled): {i['speedup']:.0f}x")
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
+    return write(a.out, out)
+
+
+def write(path, out):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
     return out
 
 

@@ -23,6 +23,7 @@ HELP = {
     "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
     "steps": "inference steps on [0, 1]",
     "clip": "clip the global gradient norm at this value; 0 = no clipping",
+    "ema": "evaluate an exponential moving average of the weights with this decay; 0 = the weights themselves",
     "seed": "random seed of initialisation, batches, noise and evaluation",
     "eval_runs": "independent inference runs at the end (mean +- standard error)",
     "train_limit": "train on the first N training images only; 0 = all",
@@ -37,7 +38,7 @@ HELP = {
 }
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
 POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr")
-NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip")
+NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema")
 # Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
 PAPER_EPOCHS = {"dt": (100, 150, 150), "backprop": (100, 150, 150), "ct": (100, 500, 1000), "adjoint": (2, 4, 4),
                 "fm": (100, 500, 1000)}
@@ -66,6 +67,8 @@ def parse_args(defaults, description, argv=None, variants=None):
     args.variant = variants[getattr(args, "method", "noprop")]
     if not args.epochs:
         args.epochs = PAPER_EPOCHS[args.variant][{"cifar10": 1, "cifar100": 2}.get(args.dataset, 0)]
+    if not getattr(args, "ema", 0) < 1:
+        p.error(f"--ema must be below 1, got {args.ema}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     if getattr(args, "plot", False):

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,25 @@ def train_step(params, state, opt_state, key, x, y, *, loss_fn, optimizer):
 
 TRAIN_EVAL = 10_000  # train accuracy is measured on the first 10,000 training images (paper: NOT SPECIFIED)
 EVAL_CHUNK = 1000  # images per predict call in evaluate: one compiled shape, bounded memory
+
+
+class EmaState(NamedTuple):
+    count: jax.Array
+    ema: optax.Params
+
+
+def track_ema(decay):
+    """An optax transformation that leaves the updates alone and keeps an average of the weights:
+    ema <- d ema + (1 - d) params, with d = min(decay, (1 + n) / (10 + n)) after n steps."""
+    def init(params):
+        return EmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.asarray, params))
+
+    def update(updates, state, params):
+        d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        new = jax.tree.map(lambda e, p, u: d * e + (1 - d) * (p + u), state.ema, params, updates)
+        return updates, EmaState(state.count + 1, new)
+
+    return optax.GradientTransformation(init, update)
 
 
 def predictions(predict, params, state, key, x, runs, chunk=EVAL_CHUNK):
@@ -116,6 +136,8 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
     x_fit, y_fit = x_tr[:TRAIN_EVAL], y_tr[:TRAIN_EVAL]  # train accuracy: the first 10,000 training images
     k_train, k_eval = jax.random.split(key)
     B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
+    if getattr(args, "ema", 0):  # evaluate an exponential moving average of the weights, kept in opt_state
+        optimizer = optax.chain(optimizer, track_ema(args.ema))
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer))
     tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
     n_dev = device_count(args, variant)
@@ -152,10 +174,11 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         runs = args.eval_runs if last else 1
-        preds = predictions(predict, tree["params"], tree["state"], k_eval, x_te, runs)
+        weights = tree["opt_state"][-1].ema if getattr(args, "ema", 0) else tree["params"]
+        preds = predictions(predict, weights, tree["state"], k_eval, x_te, runs)
         accs = [float(np.mean(p == np.asarray(y_te))) for p in preds]
-        train_accs = evaluate(predict, tree["params"], tree["state"], jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
-        others = {f"test_acc_{name}": float(np.mean(evaluate(p, tree["params"], tree["state"], k_eval, x_te, y_te, runs)))
+        train_accs = evaluate(predict, weights, tree["state"], jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
+        others = {f"test_acc_{name}": float(np.mean(evaluate(p, weights, tree["state"], k_eval, x_te, y_te, runs)))
                   for name, p in (also or {}).items()}
         record["train_seconds"] += seconds
         record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),

@@ -44,29 +44,29 @@ PAPER = {
 ROWS = {f"{v}_{d}_{e}": (v, d, e) for d in DATASETS for (v, e) in PAPER}
 
 
-def command(row, seed, epochs, data_dir, ckpt_root):
+def command(row, seed, epochs, data_dir, ckpt_root, out_dir="results", extra=()):
     v, d, e = ROWS[row]
     run = f"{row}_s{seed}"
     cmd = [sys.executable, SCRIPT[v], *FLAGS.get(v, []), "--dataset", d, "--embedding", e, "--epochs", str(epochs),
-           "--seed", str(seed), "--eval-runs", "5", "--quiet", "--out", f"results/{run}.json",
-           "--checkpoint-dir", os.path.join(ckpt_root, run), "--resume"]
+           "--seed", str(seed), "--eval-runs", "5", "--quiet", "--out", os.path.join(out_dir, f"{run}.json"),
+           "--checkpoint-dir", os.path.join(ckpt_root, run), "--resume", *extra]
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
-def finished(run, epochs):
+def finished(path, epochs):
     try:
-        rec = json.load(open(os.path.join(HERE, f"{run}.json")))
+        rec = json.load(open(path))
     except (OSError, ValueError):
         return False
     return "test_acc_mean" in rec and rec["epochs"] >= epochs
 
 
-def table():
+def table(results_dir=HERE):
     """Markdown rows from results/{row}_s*.json: mean +- s.e. over every seed x inference run."""
     out = ["| variant | embedding | dataset | epochs (paper) | seeds | train % | test % | paper train | paper test | hours |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for row, (v, d, e) in ROWS.items():
-        paths = [p for p in sorted(glob.glob(os.path.join(HERE, f"{row}_s*.json"))) if re.search(r"_s\d+\.json$", p)]
+        paths = [p for p in sorted(glob.glob(os.path.join(results_dir, f"{row}_s*.json"))) if re.search(r"_s\d+\.json$", p)]
         recs = [json.load(open(p)) for p in paths]
         recs = [r for r in recs if "test_acc_mean" in r]
         if not recs:
@@ -85,12 +85,26 @@ def table():
     return "\n".join(out)
 
 
-def write_readme_table(path=os.path.join(ROOT, "README.md")):
-    s = open(path).read()
-    s = re.sub(r"<!-- table -->.*?<!-- /table -->", lambda _: "<!-- table -->\n" + table() + "\n<!-- /table -->", s, flags=re.S)
-    with open(path + ".tmp", "w") as f:
-        f.write(s)
-    os.replace(path + ".tmp", path)
+def curves():
+    """Per run: test (train) accuracy after every epoch, one inference run each, and the epoch's seconds."""
+    out = []
+    for p in sorted(glob.glob(os.path.join(HERE, "*_s*.json"))):
+        if re.search(r"_s\d+(_\w+)?\.json$", p) and "_steps" not in p:
+            r = json.load(open(p))
+            out.append(f"- `{os.path.basename(p)[:-5]}`: " + ", ".join(
+                f"{h['epoch']}: {100 * h['test_acc']:.2f}" + (f" ({100 * h['train_acc']:.2f})" if "train_acc" in h else "")
+                + f" {h['train_seconds']:.0f} s" for h in r["history"]))
+    return "\n".join(out)
+
+
+def write_readme_table():
+    for path, tag, text in ((os.path.join(ROOT, "README.md"), "table", table()),
+                            (os.path.join(HERE, "README.md"), "curves", curves())):
+        s = open(path).read()
+        s = re.sub(f"<!-- {tag} -->.*?<!-- /{tag} -->", lambda _: f"<!-- {tag} -->\n{text}\n<!-- /{tag} -->", s, flags=re.S)
+        with open(path + ".tmp", "w") as f:
+            f.write(s)
+        os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -101,6 +115,8 @@ def main(argv=None):
     p.add_argument("--epochs-scale", type=float, default=1.0, help="a fraction of the paper's epochs (at least 1)")
     p.add_argument("--data-dir", default="", help="passed to the scripts (default: theirs)")
     p.add_argument("--checkpoint-root", default=os.path.join(os.path.expanduser("~"), ".cache", "noprop", "checkpoints"))
+    p.add_argument("--results-dir", default=HERE, help="where runs write JSON and logs (the README's table reads results/)")
+    p.add_argument("--extra", default="", help="more flags for every script, e.g. '--train-limit 1280' for a smoke test")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--table", action="store_true", help="only rewrite the README's table from results/*.json")
     a = p.parse_args(argv)
@@ -113,16 +129,23 @@ def main(argv=None):
             v, d, _ = ROWS[row]
             epochs = a.epochs or max(1, round(EPOCHS[v][DATASETS.index(d)] * a.epochs_scale))
             for seed in map(int, a.seeds.split(",")):
-                cmd = command(row, seed, epochs, a.data_dir, a.checkpoint_root)
+                run = os.path.join(a.results_dir, f"{row}_s{seed}")
+                cmd = command(row, seed, epochs, a.data_dir, a.checkpoint_root, os.path.relpath(a.results_dir, ROOT),
+                              a.extra.split())
                 if a.dry_run:
                     print(" ".join(["python"] + cmd[1:]))
-                elif not finished(f"{row}_s{seed}", epochs):
-                    with open(os.path.join(HERE, f"{row}_s{seed}.log"), "a") as log:
+                elif not finished(run + ".json", epochs):
+                    print(f"running {row} seed {seed} ({epochs} epochs)", flush=True)
+                    with open(run + ".log", "a") as log:
                         if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
-                            sys.exit(f"error: {row} seed {seed} failed; see results/{row}_s{seed}.log")
-    if not a.dry_run:
+                            sys.exit(f"error: {row} seed {seed} failed; see {run}.log")
+    if a.dry_run:
+        return
+    if os.path.abspath(a.results_dir) == HERE:
         write_readme_table()
         print("README.md results table rewritten")
+    else:
+        print(table(a.results_dir))
 
 
 if __name__ == "__main__":

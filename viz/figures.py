@@ -75,13 +75,14 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     return paths
 
 
-def plot_run(args, record, params_before, params_after):
-    """--plot: the figures of a finished run, next to its --out JSON (or in the working directory)."""
-    variant = args.variant
-    stem = os.path.splitext(args.out)[0] if args.out else f"{variant}_{args.dataset}_{args.embedding}"
-    for path in write(record["history"], variant, DATASETS[args.dataset][0], params_before, params_after,
-                      getattr(args, "T", 1), stem):
-        print(f"wrote {path}")
+def finish(args, params_before, record, tree):
+    """The end of a script: with --plot, the run's figures next to its --out JSON. Returns (record, tree)."""
+    if args.plot:
+        stem = os.path.splitext(args.out)[0] if args.out else f"{args.variant}_{args.dataset}_{args.embedding}"
+        for path in write(record["history"], args.variant, DATASETS[args.dataset][0], params_before, tree["params"],
+                          getattr(args, "T", 1), stem):
+            print(f"wrote {path}")
+    return record, tree
 
 
 def restore(checkpoint, data_dir):
