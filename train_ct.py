@@ -28,7 +28,8 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT and Adjoint rows
 
 def main(argv=None):
     args, data, (image_shape, m), k_init, k_run = cli.setup(DEFAULTS, __doc__, {"noprop": "ct", "adjoint": "adjoint"}, argv)
-    if args.method == "adjoint":
+    if args.method == "adjoint":  # the baseline as the paper describes it: no clipping, no averaging
+        args.clip = args.ema = 0.0
         params, state = noprop.init_adjoint(k_init, image_shape, m, args.embedding, *data[:2])
         loss = functools.partial(noprop.loss_adjoint, steps=args.steps)
         predict = jax.jit(functools.partial(noprop.predict_adjoint, steps=args.steps))

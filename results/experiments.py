@@ -18,12 +18,6 @@ SHORT = ["--train-limit", "12800", "--test-limit", "2000", "--epochs", "2", "--s
 SLICE = ["--T", "2", "--batch-size", "16", "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
          "--epochs", "2", "--eval-runs", "2"]  # the test suite's DT budget: 256 steps of 16 images
 QUESTIONS = [  # (question, [(run name, script, flags)], what the table shows)
-    ("Does CT need gradient clipping and a moving average of its weights? (`--clip`, `--ema`)",
-     [("ct_clip1", "train_ct.py", SHORT), ("ct_clip0", "train_ct.py", SHORT + ["--clip", "0"]),
-      ("ct_ema0", "train_ct.py", SHORT + ["--ema", "0"]), ("ct_clip0_ema0", "train_ct.py", SHORT + ["--clip", "0", "--ema", "0"])]),
-    ("What does eta, the weight of the denoising term, do in CT? (`--eta`)",
-     [("ct_eta0.1", "train_ct.py", SHORT + ["--eta", "0.1"]), ("ct_clip1", "train_ct.py", SHORT),
-      ("ct_eta10", "train_ct.py", SHORT + ["--eta", "10"])]),
     ("Fixed one-hot, learned 20-d or learned image-sized (prototype) class embeddings? (`--embedding`, FM)",
      [(f"fm_{e}", "train_fm.py", SHORT + ["--embedding", e]) for e in ("onehot", "dim20", "prototype")]),
     ("Does the backprop baseline need its classifier init? (`--cls-scale`, T = 2 blocks)",

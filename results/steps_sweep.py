@@ -31,9 +31,9 @@ k_eval = jax.random.split(k_run)[1]  # the key fit() evaluates with
 rows = []
 for steps in map(int, args.steps.split(",")):
     predict = jax.jit(functools.partial(predict_fn, steps=steps))
-    loop.evaluate(predict, tree["params"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
+    loop.evaluate(predict, tree["eval"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
     t0 = time.time()
-    accs = loop.evaluate(predict, tree["params"], {}, k_eval, x_te, y_te, args.eval_runs)
+    accs = loop.evaluate(predict, tree["eval"], {}, k_eval, x_te, y_te, args.eval_runs)
     seconds = (time.time() - t0) / args.eval_runs
     mean, se = loop.mean_stderr(accs)
     rows.append({"steps": steps, "test_accs": accs, "mean": mean, "stderr": se, "seconds_per_run": seconds})

@@ -13,6 +13,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from harness import loop  # noqa: E402
 from harness.checkpoint import load_checkpoint  # noqa: E402
 from harness.data import DATASETS, default_data_dir, load_dataset  # noqa: E402
 
@@ -79,7 +80,8 @@ def finish(args, params_before, record, tree):
     """The end of a script: with --plot, the run's figures next to its --out JSON. Returns (record, tree)."""
     if args.plot:
         stem = os.path.splitext(args.out)[0] if args.out else f"{args.variant}_{args.dataset}_{args.embedding}"
-        for path in write(record["history"], args.variant, DATASETS[args.dataset][0], params_before, tree["params"],
+        after = tree["opt_state"][-1].ema if getattr(args, "ema", 0) else tree["params"]  # the weights evaluated
+        for path in write(record["history"], args.variant, DATASETS[args.dataset][0], params_before, after,
                           getattr(args, "T", 1), stem):
             print(f"wrote {path}")
     return record, tree
@@ -88,6 +90,8 @@ def finish(args, params_before, record, tree):
 def restore(checkpoint, data_dir):
     """A run as the scripts built it, from its checkpoint: (meta, initial params, trained tree, T, data).
 
+    tree["eval"] holds the weights the run evaluated: the moving average where it kept one.
+
     The initial parameters come from the seed (the scripts' init key) and the training data
     (prototype medoids); load_checkpoint then checks every array against them.
     """
@@ -95,6 +99,7 @@ def restore(checkpoint, data_dir):
         meta = json.loads(str(f["__meta__"]))
         blocks = "['params']['blocks']['out']['b']"
         T = f[blocks].shape[0] if blocks in f.files else 1
+        ema = [k for k in f.files if k.endswith(".ema['classifier']['b']")]
     shape, m = DATASETS[meta["dataset"]]
     data = load_dataset(meta["dataset"], data_dir, offline=True)
     x, y = data[:2]
@@ -103,7 +108,7 @@ def restore(checkpoint, data_dir):
     k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
     if meta["variant"] in ("ct", "fm"):
         params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
-        opt = noprop.adam_l2(1e-3, 1e-3, params)
+        opt = noprop.adam_l2(1e-3, 1e-3, params, noprop.CT_CLIP if meta["variant"] == "ct" else 0.0)
     elif meta["variant"] == "adjoint":
         params, state = noprop.init_adjoint(k_init, shape, m, meta["embedding"], x, y)
         opt = optax.adamw(1e-3)
@@ -111,8 +116,11 @@ def restore(checkpoint, data_dir):
         init = noprop.init_backprop if meta["variant"] == "backprop" else noprop.init_dt
         params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
         opt = optax.adamw(1e-3)
+    if ema:  # the run evaluated a moving average of its weights (loop.track_ema)
+        opt = optax.chain(opt, loop.track_ema(0.999))
     template = {"params": params, "state": state, "opt_state": opt.init(params)}
     tree, _ = load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
+    tree["eval"] = tree["opt_state"][-1].ema if ema else tree["params"]
     return meta, params, tree, T, data
 
 
@@ -126,7 +134,7 @@ def main(argv=None):
     variant, shape = meta["variant"], DATASETS[meta["dataset"]][0]
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"{variant}_{meta['dataset']}_{meta['embedding']}")
-    for path in write(meta["history"], variant, shape, params, tree["params"], T, stem):
+    for path in write(meta["history"], variant, shape, params, tree["eval"], T, stem):
         print(path)
 
 
