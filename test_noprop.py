@@ -390,6 +390,21 @@ def test_ct_clipping_rescales_the_whole_gradient_so_weight_decay_keeps_its_share
         np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-7)
 
 
+def test_ema_of_the_weights_follows_its_recursion_and_leaves_the_updates_alone():
+    ema = loop.track_ema(0.9)
+    p = {"w": jnp.array([1.0, -2.0])}
+    state = ema.init(p)
+    expect = np.asarray(p["w"])
+    for n in range(30):
+        u = {"w": jnp.array([0.5, 0.25]) * (n % 3 - 1)}
+        out, state = ema.update(u, state, p)
+        assert out is u  # the optimiser's updates pass through unchanged
+        p = {"w": p["w"] + u["w"]}
+        d = min(0.9, (1 + n) / (10 + n))  # warm-up: early steps weigh the new weights more
+        expect = d * expect + (1 - d) * np.asarray(p["w"])
+    np.testing.assert_allclose(state.ema["w"], expect, rtol=1e-6)
+
+
 def test_ct_inference_computes_image_features_once():
     params, _ = noprop.init_ct(KEY, TINY, 4)
     jaxpr = jax.make_jaxpr(lambda x: noprop.predict_ct(params, {}, KEY, x, steps=5))(jnp.zeros((2,) + TINY))
@@ -662,7 +677,9 @@ def subprocess_checks(tmp):
     return {"cli": ([os.path.join(HERE, "train_dt.py"), "--dataset", "imagenet"], {}),
             "sharding": (["-c", SHARDED_STEP], {"XLA_FLAGS": two_devices}),
             "bench": (["-m", "bench.speed", "--tiny", "--out", os.path.join(tmp, "bench.json")],
-                      {"XLA_FLAGS": FAST_COMPILE})}  # checks the script, not its speed
+                      {"XLA_FLAGS": FAST_COMPILE}),  # checks the script, not its speed
+            "memory": (["-m", "bench.speed", "--tiny", "--memory", "--out", os.path.join(tmp, "memory.json")],
+                       {"XLA_FLAGS": FAST_COMPILE})}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -776,6 +793,14 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
     reproduce.main(argv)  # finished: nothing runs again
     assert "running" not in capsys.readouterr().out
+
+
+def test_memory_of_every_training_step_and_the_adjoint_holds_no_trajectory(background):
+    r = background("memory")
+    assert r.returncode == 0 and "adjoint" in r.stdout, r.stderr[-3000:]
+    temp = {k: v["temp_mb"] for k, v in json.load(open(r.args[r.args.index("--out") + 1]))["train_step"].items()}
+    assert set(temp) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm", "adjoint"}
+    assert temp["noprop_dt_one_block"] < temp["backprop"] and all(v > 0 for v in temp.values())
 
 
 # --- Figures (--plot; matplotlib is optional) ---
