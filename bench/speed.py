@@ -157,7 +157,7 @@ def main(argv=None):
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
     ode_steps = 5 if a.tiny else 1000
     if a.memory:
-        return write(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "adjoint_steps": ode_steps,
+        return loop.write_json(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "adjoint_steps": ode_steps,
                              "train_step": bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True)})
     rate = matmul_rate(256 if a.tiny else 2048, reps)
     out = {"machine": machine,
@@ -193,15 +193,7 @@ def main(argv=None):
     for v, i in out["inference"].items():
         print(f"{v.upper()} inference, {i['images']} images x {i['steps']} steps: features once {i['features_once_s']:.1f} s, "
               f"recompute {i['recompute_s_scaled']:.0f} s (timed on {i['recompute_slice']}, scaled): {i['speedup']:.0f}x")
-    return write(a.out, out)
-
-
-def write(path, out):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return out
+    return loop.write_json(a.out, out)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,19 @@ def predictions(predict, params, state, key, x, runs, chunk=EVAL_CHUNK):
     return np.stack(out)
 
 
+def accuracies(preds, y):
+    """Accuracy of each inference run's predictions (runs, N); labels are used here, for scoring only."""
+    return [float(np.mean(p == np.asarray(y))) for p in preds]
+
+
 def evaluate(predict, params, state, key, x, y, runs, chunk=EVAL_CHUNK):
-    """Accuracy of each of `runs` inference runs; labels are used here, for scoring only."""
-    return [float(np.mean(p == np.asarray(y))) for p in predictions(predict, params, state, key, x, runs, chunk)]
+    """Accuracy of each of `runs` inference runs."""
+    return accuracies(predictions(predict, params, state, key, x, runs, chunk), y)
+
+
+def eval_weights(tree, ema):
+    """The weights a run evaluates: the moving average in opt_state (track_ema) if it keeps one."""
+    return tree["opt_state"][-1].ema if ema else tree["params"]
 
 
 def class_recall(preds, y):
@@ -174,9 +184,9 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         runs = args.eval_runs if last else 1
-        weights = tree["opt_state"][-1].ema if getattr(args, "ema", 0) else tree["params"]
+        weights = eval_weights(tree, getattr(args, "ema", 0))
         preds = predictions(predict, weights, tree["state"], k_eval, x_te, runs)
-        accs = [float(np.mean(p == np.asarray(y_te))) for p in preds]
+        accs = accuracies(preds, y_te)
         train_accs = evaluate(predict, weights, tree["state"], jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
         others = {f"test_acc_{name}": float(np.mean(evaluate(p, weights, tree["state"], k_eval, x_te, y_te, runs)))
                   for name, p in (also or {}).items()}
@@ -223,8 +233,9 @@ def check_finite(epoch, losses, aux, tree, ckpt):
 
 
 def write_json(path, obj):
-    """JSON written atomically: a reader never sees half a file."""
+    """JSON written atomically: a reader never sees half a file. Returns obj."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+    return obj

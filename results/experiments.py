@@ -8,9 +8,10 @@ Each run writes results/experiments/{name}.json and .log. The runs are deliberat
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
+
+from results.reproduce import replace_section  # noqa: E402  (run as python -m results.experiments)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -60,13 +61,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default="", help="passed to the scripts (default: theirs)")
     a = p.parse_args(argv)
     text = section(a.data_dir)
-    path = os.path.join(ROOT, "README.md")
-    s = open(path).read()
-    s = re.sub(r"<!-- experiments -->.*?<!-- /experiments -->",
-               lambda _: "<!-- experiments -->\n" + text + "<!-- /experiments -->", s, flags=re.S)
-    with open(path + ".tmp", "w") as f:
-        f.write(s)
-    os.replace(path + ".tmp", path)
+    replace_section(os.path.join(ROOT, "README.md"), "experiments", text)
     print(text)
 
 

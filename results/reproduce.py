@@ -85,14 +85,18 @@ def curves():
     return "\n".join(out)
 
 
+def replace_section(path, tag, text):
+    """Rewrite what stands between <!-- tag --> and <!-- /tag --> in a Markdown file, atomically."""
+    s = open(path).read()
+    s = re.sub(f"<!-- {tag} -->.*?<!-- /{tag} -->", lambda _: f"<!-- {tag} -->\n{text}\n<!-- /{tag} -->", s, flags=re.S)
+    with open(path + ".tmp", "w") as f:
+        f.write(s)
+    os.replace(path + ".tmp", path)
+
+
 def write_readme_table():
-    for path, tag, text in ((os.path.join(ROOT, "README.md"), "table", table()),
-                            (os.path.join(HERE, "README.md"), "curves", curves())):
-        s = open(path).read()
-        s = re.sub(f"<!-- {tag} -->.*?<!-- /{tag} -->", lambda _: f"<!-- {tag} -->\n{text}\n<!-- /{tag} -->", s, flags=re.S)
-        with open(path + ".tmp", "w") as f:
-            f.write(s)
-        os.replace(path + ".tmp", path)
+    replace_section(os.path.join(ROOT, "README.md"), "table", table())
+    replace_section(os.path.join(HERE, "README.md"), "curves", curves())
 
 
 def main(argv=None):

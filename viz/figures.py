@@ -80,7 +80,7 @@ def finish(args, params_before, record, tree):
     """The end of a script: with --plot, the run's figures next to its --out JSON. Returns (record, tree)."""
     if args.plot:
         stem = os.path.splitext(args.out)[0] if args.out else f"{args.variant}_{args.dataset}_{args.embedding}"
-        after = tree["opt_state"][-1].ema if getattr(args, "ema", 0) else tree["params"]  # the weights evaluated
+        after = loop.eval_weights(tree, getattr(args, "ema", 0))
         for path in write(record["history"], args.variant, DATASETS[args.dataset][0], params_before, after,
                           getattr(args, "T", 1), stem):
             print(f"wrote {path}")
@@ -120,7 +120,7 @@ def restore(checkpoint, data_dir):
         opt = optax.chain(opt, loop.track_ema(0.999))
     template = {"params": params, "state": state, "opt_state": opt.init(params)}
     tree, _ = load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
-    tree["eval"] = tree["opt_state"][-1].ema if ema else tree["params"]
+    tree["eval"] = loop.eval_weights(tree, ema)
     return meta, params, tree, T, data
 
 
