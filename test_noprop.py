@@ -682,7 +682,8 @@ def subprocess_checks(tmp):
             "bench": (["-m", "bench.speed", "--tiny", "--out", os.path.join(tmp, "bench.json")],
                       {"XLA_FLAGS": FAST_COMPILE}),  # checks the script, not its speed
             "memory": (["-m", "bench.speed", "--tiny", "--memory", "--out", os.path.join(tmp, "memory.json")],
-                       {"XLA_FLAGS": FAST_COMPILE})}
+                       {"XLA_FLAGS": FAST_COMPILE}),
+            "profile": (["-m", "bench.speed", "--tiny", "--profile", "--out", os.path.join(tmp, "profile.json")], {})}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -770,6 +771,17 @@ def test_bench_speed_runs_end_to_end_on_tiny_shapes(background):
     assert 1.5 < s["noprop_dt_all_blocks"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
     assert out["dispatch"]["scan_steps_per_s"] > 0 and out["inference"]["ct"]["speedup"] > 0
     assert out["matmul_gflop_per_s"] > 0
+
+
+def test_profile_names_the_dt_steps_ops_by_primitive_and_pass(background):
+    """--profile accounts for the step's op time: matmuls forward and backward, the dropout draws, shares sum to 1."""
+    r = background("profile")
+    assert r.returncode == 0, r.stderr[-3000:]
+    prof = json.load(open(r.args[r.args.index("--out") + 1]))["profile"]
+    ops = prof["ops"]
+    assert abs(sum(o["share"] for o in ops) - 1) < 1e-6 and 0 < prof["op_ms_total"]
+    assert {("forward", "dot_general"), ("backward", "dot_general")} <= {(o["pass"], o["primitive"]) for o in ops}
+    assert any("_bernoulli" in o["primitive"] for o in ops)  # dropout's random bits, found by name
 
 
 # --- results.reproduce: the paper's Table 1 as a plan ---

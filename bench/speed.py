@@ -3,6 +3,7 @@
 python -m bench.speed            # ~5 min on the 2-core CPU; writes results/bench.json
 python -m bench.speed --quick    # shorter: fewer repetitions, 1,000 images, 100 inference steps
 python -m bench.speed --memory --out results/memory.json   # compiled temporaries only (the paper's Table 2)
+python -m bench.speed --profile --out results/profile.json # where the DT step's time goes, per XLA op
 
 Shapes are MNIST's (28x28x1, 10 classes, batch 128) with random weights and inputs: time does
 not depend on the values. FLOPs are XLA's own count of the compiled program (cost_analysis).
@@ -81,6 +82,35 @@ def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False):
     return rows
 
 
+def profile_step(shape, m, B, T, key, reps=3):
+    """Where the DT all-blocks step spends its time: XLA:CPU's own per-op trace (jax.profiler),
+    each op named by the JAX primitive at its root (from the compiled HLO's metadata) and by
+    pass (forward, or backward: JAX's transpose). Returns rows sorted by time, ms per step."""
+    import collections, glob, gzip, re, tempfile
+    (params, state), loss, opt = train_steps(shape, m, B, T, key, 5)["noprop_dt_all_blocks"]
+    x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
+    args = (params, state, opt.init(params), key, x, y)
+    compiled = jax.jit(functools.partial(loop.train_step, loss_fn=loss, optimizer=opt)).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    origin = dict(re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', compiled.as_text()))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            wall = seconds(compiled, *args, reps=reps, warmup=False)
+        events = json.load(gzip.open(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]))["traceEvents"]
+    rows = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in origin:
+            op = origin[e["name"]]
+            pass_ = "backward" if "transpose(" in op else "forward"
+            prim = "/".join(re.findall(r"jit\((\w+)\)", op)[1:] + [re.sub(r"\(.*", "", op.rsplit("/", 1)[-1])])
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            rows[(pass_, prim, kind)] += e["dur"] / 1000 / reps
+    total = sum(rows.values())
+    return {"wall_ms": 1000 * wall, "op_ms_total": total,
+            "ops": [{"pass": k[0], "primitive": k[1], "xla_op": k[2], "ms": v, "share": v / total}
+                    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])]}
+
+
 def bench_dispatch(shape, m, B, n_steps, key):
     """One epoch of CT steps: a Python loop over batches vs one compiled lax.scan over batches."""
     params, state = noprop.init_ct(key, shape, m)
@@ -148,6 +178,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="~30 s version: fewer repetitions and images")
     p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2 (for the test)")
     p.add_argument("--memory", action="store_true", help="only the compiled temporaries of each training step (no timing)")
+    p.add_argument("--profile", action="store_true", help="only a per-op profile of the DT all-blocks step")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench.json"))
     a = p.parse_args(argv)
     key = jax.random.PRNGKey(0)
@@ -159,6 +190,12 @@ def main(argv=None):
     if a.memory:
         return loop.write_json(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "adjoint_steps": ode_steps,
                              "train_step": bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True)})
+    if a.profile:
+        prof = profile_step(shape, m, B, T, key)
+        print(f"DT all-blocks step: {prof['wall_ms']:.0f} ms wall, {prof['op_ms_total']:.0f} ms in XLA ops (both threads)")
+        for r in prof["ops"][:20]:
+            print(f"{r['ms']:8.1f} ms {100 * r['share']:5.1f}%  {r['pass']:8s} {r['primitive']:28s} {r['xla_op']}")
+        return loop.write_json(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "profile": prof})
     rate = matmul_rate(256 if a.tiny else 2048, reps)
     out = {"machine": machine,
            "jax": jax.__version__, "quick": a.quick, "tiny": a.tiny, "batch": B, "T": T,
