@@ -22,7 +22,8 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT and Adjoint rows
     ema=0.999,
     steps=1000,  # inference steps ("Timesteps 1000"); the adjoint's training steps too
     seed=0, eval_runs=5, train_limit=0, test_limit=0, deterministic=False,
-    out="", checkpoint_dir="", resume=False, quiet=False, plot=False, devices=0,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,
+    devices=0, coordinator="", num_processes=1, process_id=0,  # one machine, or several (README: many devices)
 )
 
 

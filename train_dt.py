@@ -20,7 +20,8 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT and Backprop rows
     T=10, eta=0.1,
     seed=0, eval_runs=5,  # Table 1: 5 inference runs per seed, mean +- standard error
     train_limit=0, test_limit=0, deterministic=False,
-    out="", checkpoint_dir="", resume=False, quiet=False, plot=False, devices=0,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,
+    devices=0, coordinator="", num_processes=1, process_id=0,  # one machine, or several (README: many devices)
 )
 
 

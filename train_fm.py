@@ -16,7 +16,8 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-FM row
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # Adam with L2-coupled decay (not AdamW)
     steps=1000,  # Euler steps of the probability-flow ODE ("Timesteps 1000")
     seed=0, eval_runs=5, train_limit=0, test_limit=0,
-    out="", checkpoint_dir="", resume=False, quiet=False, plot=False, devices=0,
+    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,
+    devices=0, coordinator="", num_processes=1, process_id=0,  # one machine, or several (README: many devices)
 )
 
 

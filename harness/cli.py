@@ -1,8 +1,14 @@
 """Command-line flags shared by the three scripts: meanings, checks, and the start of a run."""
 import argparse
+import os
+import re
 import sys
+import threading
+import zlib
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from harness.data import DATASETS, default_data_dir, load_dataset
 
@@ -35,10 +41,15 @@ HELP = {
     "quiet": "no progress bar",
     "plot": "write figures next to --out at the end (needs matplotlib)",
     "devices": "devices to train on; 0 = all local ones (the most that divide T for DT, the batch otherwise)",
+    "coordinator": "HOST:PORT of process 0, to train as one of --num-processes processes (jax.distributed)",
+    "num_processes": "processes taking part, each with its own devices (1: this process alone)",
+    "process_id": "this process's rank, 0 .. --num-processes - 1; process 0 prints, writes and checkpoints",
 }
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
-POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr")
-NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema")
+POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes")
+NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
+                "process_id")
+JOIN_TIMEOUT = int(os.environ.get("NOPROP_JOIN_TIMEOUT", 60))  # seconds to wait for the other processes
 # Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
 PAPER_EPOCHS = {"dt": (100, 150, 150), "backprop": (100, 150, 150), "ct": (100, 500, 1000), "adjoint": (2, 4, 4),
                 "fm": (100, 500, 1000)}
@@ -69,6 +80,11 @@ def parse_args(defaults, description, argv=None, variants=None):
         args.epochs = PAPER_EPOCHS[args.variant][{"cifar10": 1, "cifar100": 2}.get(args.dataset, 0)]
     if not getattr(args, "ema", 0) < 1:
         p.error(f"--ema must be below 1, got {args.ema}")
+    if args.process_id >= args.num_processes:
+        p.error(f"--process-id must be below --num-processes = {args.num_processes}, got {args.process_id}")
+    if args.num_processes > 1 and not re.fullmatch(r"[\w.-]+:\d+", args.coordinator):
+        p.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address), "
+                f"got {args.coordinator!r}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     if getattr(args, "plot", False):
@@ -81,6 +97,54 @@ def parse_args(defaults, description, argv=None, variants=None):
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help keeps the script's docstring as written and shows every flag's default."""
+
+
+def join_processes(args):
+    """Several processes (hosts) as one JAX program: jax.distributed, with CPU collectives over gloo.
+
+    With --coordinator, or under a cluster manager that jax.distributed detects (SLURM, Open MPI)
+    when it starts more than one task. jax.devices() then lists every process's devices; each
+    process runs this script on the same flags, and only process 0 prints (the others' stdout is
+    dropped). jax.distributed aborts the process from C++ when the others do not come, so the
+    joining runs in a thread and this one gives up first, with one line.
+    """
+    cluster = max(int(os.environ.get(k, 1)) for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) > 1
+    if args.num_processes == 1 and not cluster:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = (dict(coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+             if args.num_processes > 1 else {})  # {}: jax reads the cluster's environment
+    outcome = []
+    joining = threading.Thread(target=lambda: outcome.append(_initialize(where)), daemon=True)
+    joining.start()
+    joining.join(JOIN_TIMEOUT)
+    if not outcome or outcome[0]:
+        print(f"error: process {args.process_id} of {args.num_processes}: the processes did not all join at "
+              f"{args.coordinator or 'the cluster coordinator'} within {JOIN_TIMEOUT} s"
+              + (f" ({outcome[0]})" if outcome else ""), file=sys.stderr, flush=True)
+        os._exit(1)  # the joining thread may be blocked in C++
+    if jax.process_index() != 0:  # from here on, C++ prints (gloo's) included
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.stdout = open(os.devnull, "w")
+    same = {k: v for k, v in sorted(vars(args).items()) if k not in PER_PROCESS}
+    mine = np.array([args.num_processes, zlib.crc32(repr(same).encode()) & 0x7FFFFFFF], np.int32)
+    every = multihost_utils.process_allgather(mine).reshape(-1, 2)
+    if len(set(every[:, 0])) > 1 or jax.process_count() != args.num_processes:
+        sys.exit(f"error: the processes were started with --num-processes {', '.join(map(str, every[:, 0]))}; "
+                 f"{jax.process_count()} joined")
+    if len(set(every[:, 1])) > 1:
+        sys.exit("error: the processes were started with different flags; only --process-id, --data-dir, --out, "
+                 "--checkpoint-dir, --offline, --tfds, --quiet and --plot may differ")
+
+
+PER_PROCESS = ("process_id", "data_dir", "out", "checkpoint_dir", "quiet", "plot", "offline", "tfds")
+
+
+def _initialize(where):
+    try:
+        jax.distributed.initialize(**where, initialization_timeout=JOIN_TIMEOUT + 30)
+    except Exception as e:  # noqa: BLE001  gRPC/XLA errors share no type
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def prepare_data(args):
@@ -103,6 +167,7 @@ def prepare_data(args):
 def setup(defaults, description, variants, argv=None):
     """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
     args = parse_args(defaults, description, argv, variants)
+    join_processes(args)
     data = prepare_data(args)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
     return args, data, DATASETS[args.dataset], k_init, k_run

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from harness.checkpoint import load_checkpoint, save_checkpoint
 
@@ -117,9 +118,33 @@ def place(tree, variant, n):
     return jax.device_put(tree, jax.tree_util.tree_map_with_path(where, tree)), (whole if variant == "dt" else split)
 
 
+def gather(tree):
+    """The whole of every array on this host (several processes hold parts of the training state)."""
+    return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else tree
+
+
+def holdings(tree, variant):
+    """One line: what this process holds and trains (its blocks for DT; all weights otherwise)."""
+    leaf = jax.tree.leaves(tree["params"]["blocks"] if variant == "dt" else tree["params"])[0]
+    head = f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} device(s): "
+    if variant != "dt":
+        return head + "a full copy of the weights, its share of each batch"
+    rows = sorted({s.index[0].indices(leaf.shape[0])[:2] for s in leaf.addressable_shards})
+    return head + "blocks " + ", ".join(f"{a + 1}" + (f"-{b}" if b > a + 1 else "") for a, b in rows) + f" of {leaf.shape[0]}"
+
+
 def device_count(args, variant):
-    """--devices 0 (default): all local devices, or the most that divide the split axis."""
+    """--devices 0 (default): all local devices, or the most that divide the split axis.
+    Several processes: every device of every process takes part."""
     size, what = (args.T, "T") if variant == "dt" else (args.batch_size, "--batch-size")
+    if jax.process_count() > 1:
+        n = jax.device_count()
+        if args.devices not in (0, n):
+            sys.exit(f"error: --devices {args.devices}, but the {jax.process_count()} processes have {n} devices, "
+                     "and all of them train")
+        if size % n:
+            sys.exit(f"error: {n} devices over {jax.process_count()} processes must divide {what} = {size}")
+        return n
     n = args.devices or max(k for k in range(1, jax.local_device_count() + 1) if size % k == 0)
     if n > jax.device_count():
         sys.exit(f"error: --devices {n}, but only {jax.device_count()} device(s) are visible")
@@ -155,7 +180,8 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
     ident["variant"] = variant
     ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
     record = {**ident, "args": vars(args), "jax": jax.__version__, "device": jax.devices()[0].device_kind, "devices": n_dev,
-              "history": [], "train_seconds": 0.0}
+              "processes": jax.process_count(), "history": [], "train_seconds": 0.0}
+    lead = jax.process_index() == 0  # process 0 writes the JSON and the checkpoints
     if args.resume and not os.path.exists(ckpt):
         print(f"no checkpoint at {ckpt} yet: starting from scratch")
     elif args.resume:
@@ -166,6 +192,8 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         record.update(history=meta["history"], train_seconds=meta["train_seconds"])
         print(f"resumed from {ckpt} after epoch {len(record['history'])}")
     tree, batch_sharding = place(tree, variant, n_dev)
+    if jax.process_count() > 1:
+        print(holdings(tree, variant), file=sys.stderr, flush=True)
     if len(record["history"]) < args.epochs and not args.quiet:
         print("compiling the training step...", flush=True)
     for epoch in range(len(record["history"]), args.epochs):
@@ -179,19 +207,19 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
             losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
             tree = dict(zip(("params", "state", "opt_state"), new))
             progress(i, steps, t0, args.quiet)
-        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-        check_finite(epoch, jnp.stack(losses), aux, tree, ckpt)
+        losses, aux = gather((jnp.stack(losses), jax.tree.map(lambda *a: jnp.stack(a), *auxes)))
+        check_finite(epoch, losses, aux, tree, ckpt)
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         runs = args.eval_runs if last else 1
-        weights = eval_weights(tree, getattr(args, "ema", 0))
-        preds = predictions(predict, weights, tree["state"], k_eval, x_te, runs)
+        weights, bn = gather((eval_weights(tree, getattr(args, "ema", 0)), tree["state"]))  # each process evaluates all
+        preds = predictions(predict, weights, bn, k_eval, x_te, runs)
         accs = accuracies(preds, y_te)
-        train_accs = evaluate(predict, weights, tree["state"], jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
-        others = {f"test_acc_{name}": float(np.mean(evaluate(p, weights, tree["state"], k_eval, x_te, y_te, runs)))
+        train_accs = evaluate(predict, weights, bn, jax.random.fold_in(k_eval, 1), x_fit, y_fit, runs)
+        others = {f"test_acc_{name}": float(np.mean(evaluate(p, weights, bn, k_eval, x_te, y_te, runs)))
                   for name, p in (also or {}).items()}
         record["train_seconds"] += seconds
-        record["history"].append({"epoch": epoch + 1, "loss": float(jnp.mean(jnp.stack(losses))),
+        record["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
                                   "train_seconds": seconds, "images_per_s": steps * B / seconds,
                                   "train_acc": float(np.mean(train_accs)), "test_acc": float(np.mean(accs)), **others,
                                   "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
@@ -207,9 +235,10 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
             print(f"over {len(accs)} inference runs: test accuracy {100 * mean:.2f} +- {100 * se:.2f}, "
                   f"train {100 * tr_mean:.2f} +- {100 * tr_se:.2f} (s.e.)")
         if ckpt:
-            save_checkpoint(ckpt, tree, {**ident, "history": record["history"],
-                                         "train_seconds": record["train_seconds"]})
-        if args.out:
+            whole = gather(tree)
+            if lead:
+                save_checkpoint(ckpt, whole, {**ident, "history": record["history"], "train_seconds": record["train_seconds"]})
+        if args.out and lead:
             write_json(args.out, record)
     return record, tree
 
@@ -221,12 +250,12 @@ def all_finite(tree):
 
 def check_finite(epoch, losses, aux, tree, ckpt):
     """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
-    ok = jnp.isfinite(losses)
+    ok = np.isfinite(losses)
     losses_ok = bool(ok.all())
-    if losses_ok and bool(all_finite(tree["params"])):
+    if losses_ok and bool(gather(all_finite(tree["params"]))):
         return
-    i = len(losses) - 1 if losses_ok else int(jnp.argmin(ok))
-    bad = [k for k, v in aux.items() if not bool(jnp.isfinite(v[i]).all())] or ["parameters"]
+    i = len(losses) - 1 if losses_ok else int(np.argmin(ok))
+    bad = [k for k, v in aux.items() if not bool(np.isfinite(v[i]).all())] or ["parameters"]
     kept = f"; last good checkpoint kept at {ckpt}" if ckpt else ""
     sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {i + 1} (bad: {', '.join(bad)}){kept}")
 

@@ -78,7 +78,7 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
 
 def finish(args, params_before, record, tree):
     """The end of a script: with --plot, the run's figures next to its --out JSON. Returns (record, tree)."""
-    if args.plot:
+    if args.plot and jax.process_index() == 0:  # several processes: process 0 draws
         stem = os.path.splitext(args.out)[0] if args.out else f"{args.variant}_{args.dataset}_{args.embedding}"
         after = loop.eval_weights(tree, getattr(args, "ema", 0))
         for path in write(record["history"], args.variant, DATASETS[args.dataset][0], params_before, after,
