@@ -1,6 +1,7 @@
 """Semantic tests for noprop: each names the equation or pitfall (peers.md P1-P14) it pins."""
 import functools
 import inspect
+import importlib.util
 import json
 import os
 import subprocess
@@ -864,6 +865,8 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
     reproduce.main(argv)  # finished: nothing runs again
     assert "running" not in capsys.readouterr().out
+    png = reproduce.figure(str(tmp_path / "out"), str(tmp_path / "curves.png"))  # None without matplotlib (optional)
+    assert png is None if importlib.util.find_spec("matplotlib") is None else os.path.getsize(png) > 10_000
 
 
 def test_memory_of_every_training_step_and_the_adjoint_holds_no_trajectory(background):

@@ -94,9 +94,42 @@ def replace_section(path, tag, text):
     os.replace(path + ".tmp", path)
 
 
+def figure(results_dir=HERE, path=os.path.join(HERE, "figures", "mnist_onehot.png")):
+    """Test accuracy of every MNIST one-hot variant against epoch, and (the paper's Figure 3) CT, FM
+    and Adjoint against cumulative training seconds; one line per seed. Needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, v in enumerate(NAMES):
+        for p in sorted(glob.glob(os.path.join(results_dir, f"{v}_mnist_onehot_s*.json"))):
+            if not re.search(r"_s\d+\.json$", p):
+                continue
+            h = json.load(open(p))["history"]
+            acc = [100 * e["test_acc"] for e in h]
+            label = NAMES[v] if p.endswith("_s0.json") else None
+            by_epoch.plot(range(1, len(h) + 1), acc, f"C{i}", marker=".", label=label)
+            if v in ("ct", "fm", "adjoint"):
+                by_time.plot(np.cumsum([e["train_seconds"] for e in h]), acc, f"C{i}", marker=".", label=label)
+    for ax, xlabel in ((by_epoch, "epoch"), (by_time, "cumulative training seconds (this CPU)")):
+        ax.set(xlabel=xlabel, ylabel="test accuracy % (one inference run)", ylim=(94, 100))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    by_epoch.set_title("MNIST, one-hot: every variant")
+    by_time.set_title("accuracy against training time (cf. Figure 3)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_readme_table():
     replace_section(os.path.join(ROOT, "README.md"), "table", table())
     replace_section(os.path.join(HERE, "README.md"), "curves", curves())
+    figure()
 
 
 def main(argv=None):
