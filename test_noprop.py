@@ -728,13 +728,17 @@ np.savez(os.path.join(tmp, "mnist.npz"), x_train=rng.integers(0, 256, (64, 28, 2
          y_train=rng.integers(0, 10, 64).astype(np.uint8), x_test=rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
          y_test=rng.integers(0, 10, 16).astype(np.uint8))
 
-def start(script, tag, n, *extra, ranks=None):
+def start(script, tag, n, *extra, ranks=None, mpirun=False):
     argv = [sys.executable, script, "--data-dir", tmp, "--batch-size", "16", "--eval-runs", "1", "--quiet", *extra]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     many = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)] if n > 1 else []
-    return [subprocess.Popen(argv + many(i) + ["--out", os.path.join(tmp, f"{tag}.json")], text=True,
+    # mpirun's environment instead of the flags: jax.distributed finds the coordinator and ranks there
+    ompi = lambda i: {"OMPI_MCA_orte_hnp_uri": f"1.0;tcp://127.0.0.1:{port}", "OMPI_COMM_WORLD_SIZE": str(n),
+                      "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i)}
+    return [subprocess.Popen(argv + ([] if mpirun else many(i)) + ["--out", os.path.join(tmp, f"{tag}.json")], text=True,
+                             env={**os.environ, **(ompi(i) if mpirun else {})},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in ranks or range(n)]
 
 def finish(procs):
@@ -745,7 +749,8 @@ ck = ["--checkpoint-dir", os.path.join(tmp, "ck")]
 groups = {"dt_1": start(*dt[:1], "dt_1", 1, *dt[1:], "--epochs", "2"),
           "ct_1": start(*ct[:1], "ct_1", 1, *ct[1:], "--epochs", "2"),
           "ct_2": start(*ct[:1], "ct_2", 2, *ct[1:], "--epochs", "2"),
-          "dt_2a": start(*dt[:1], "dt_2", 2, *dt[1:], "--epochs", "1", *ck)}
+          "dt_2a": start(*dt[:1], "dt_2", 2, *dt[1:], "--epochs", "1", *ck),
+          "mpirun": start(*dt[:1], "mpirun", 2, *dt[1:], "--epochs", "1", mpirun=True)}
 out = {k: finish(v) for k, v in groups.items()}
 out["dt_2"] = finish(start(*dt[:1], "dt_2", 2, *dt[1:], "--epochs", "2", *ck, "--resume"))  # resumed on both
 out["alone"] = finish(start(*dt[:1], "alone", 2, *dt[1:], "--epochs", "1", ranks=[0]))  # process 1 never comes
@@ -755,11 +760,12 @@ print(json.dumps(out))
 
 def test_processes_train_as_one_program_equal_to_a_single_process(background):
     """jax.distributed on 127.0.0.1: 2 processes of train_dt.py (blocks split between them, resumed
-    half way) and of train_ct.py (data parallel) give one process's losses; each holds its own blocks."""
+    half way; also started as mpirun would) and of train_ct.py (data parallel) give one process's
+    losses; each holds its own blocks."""
     r = background("processes")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.splitlines()[-1])
-    for group in ("dt_1", "ct_1", "ct_2", "dt_2a", "dt_2"):
+    for group in ("dt_1", "ct_1", "ct_2", "dt_2a", "dt_2", "mpirun"):
         assert all(code == 0 for code, _, _ in out[group]), (group, [e[-2000:] for _, _, e in out[group]])
     tmp = r.args[-1]
     for v in ("dt", "ct"):
@@ -767,6 +773,8 @@ def test_processes_train_as_one_program_equal_to_a_single_process(background):
         assert two["processes"] == 2 and one["processes"] == 1 and len(two["history"]) == 2
         # not tighter: Adam scales the float-order noise in the ~0 gradients of the biases before batch norm to lr-sized steps
         np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=2e-4)
+    mpirun, dt_1 = (json.load(open(os.path.join(tmp, f"{n}.json"))) for n in ("mpirun", "dt_1"))  # found by environment
+    assert mpirun["processes"] == 2 and mpirun["history"][0]["loss"] == pytest.approx(dt_1["history"][0]["loss"], rel=2e-4)
     holds = [[l for l in e.splitlines() if l.startswith("process ")] for _, _, e in out["dt_2"]]
     assert holds == [["process 0 of 2, 1 device(s): blocks 1 of 2"], ["process 1 of 2, 1 device(s): blocks 2 of 2"]]
     assert out["dt_2"][1][1] == ""  # only process 0 prints

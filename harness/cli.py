@@ -108,7 +108,8 @@ def join_processes(args):
     dropped). jax.distributed aborts the process from C++ when the others do not come, so the
     joining runs in a thread and this one gives up first, with one line.
     """
-    cluster = max(int(os.environ.get(k, 1)) for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) > 1
+    # srun and mpirun set these for the tasks they start (an sbatch script alone does not)
+    cluster = max(int(os.environ.get(k, 1)) for k in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")) > 1
     if args.num_processes == 1 and not cluster:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -119,8 +120,9 @@ def join_processes(args):
     joining.start()
     joining.join(JOIN_TIMEOUT)
     if not outcome or outcome[0]:
-        print(f"error: process {args.process_id} of {args.num_processes}: the processes did not all join at "
-              f"{args.coordinator or 'the cluster coordinator'} within {JOIN_TIMEOUT} s"
+        who = f"process {args.process_id} of {args.num_processes}" if args.coordinator else "this process"
+        print(f"error: {who}: the processes did not all join at {args.coordinator or 'the cluster coordinator'} "
+              f"within {JOIN_TIMEOUT} s"
               + (f" ({outcome[0]})" if outcome else ""), file=sys.stderr, flush=True)
         os._exit(1)  # the joining thread may be blocked in C++
     if jax.process_index() != 0:  # from here on, C++ prints (gloo's) included
@@ -129,7 +131,7 @@ def join_processes(args):
     same = {k: v for k, v in sorted(vars(args).items()) if k not in PER_PROCESS}
     mine = np.array([args.num_processes, zlib.crc32(repr(same).encode()) & 0x7FFFFFFF], np.int32)
     every = multihost_utils.process_allgather(mine).reshape(-1, 2)
-    if len(set(every[:, 0])) > 1 or jax.process_count() != args.num_processes:
+    if len(set(every[:, 0])) > 1 or (args.coordinator and jax.process_count() != args.num_processes):
         sys.exit(f"error: the processes were started with --num-processes {', '.join(map(str, every[:, 0]))}; "
                  f"{jax.process_count()} joined")
     if len(set(every[:, 1])) > 1:
