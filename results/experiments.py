@@ -18,13 +18,15 @@ ROOT = os.path.dirname(HERE)
 SHORT = ["--train-limit", "12800", "--test-limit", "2000", "--epochs", "2", "--steps", "100", "--eval-runs", "2"]
 SLICE = ["--T", "2", "--batch-size", "16", "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
          "--epochs", "2", "--eval-runs", "2"]  # the test suite's DT budget: 256 steps of 16 images
-QUESTIONS = [  # (question, [(run name, script, flags)], what the table shows)
-    ("Fixed one-hot, learned 20-d or learned image-sized (prototype) class embeddings? (`--embedding`, FM)",
-     [(f"fm_{e}", "train_fm.py", SHORT + ["--embedding", e]) for e in ("onehot", "dim20", "prototype")]),
-    ("Does the backprop baseline need its classifier init? (`--cls-scale`, T = 2 blocks)",
-     [("backprop_cls5", "train_dt.py", SLICE + ["--method", "backprop"]),
-      ("backprop_cls0", "train_dt.py", SLICE + ["--method", "backprop", "--cls-scale", "0"]),
-      ("dt_slice", "train_dt.py", SLICE)]),
+QUESTIONS = [  # (question, flags of every run, [(run name, script, its own flags)])
+    ("Fixed one-hot, learned 20-d or learned image-sized (prototype) class embeddings? (`--embedding`, FM)", SHORT,
+     [(f"fm_{e}", "train_fm.py", ["--embedding", e]) for e in ("onehot", "dim20", "prototype")]),
+    ("Does the backprop baseline need its classifier init? (`--cls-scale`, T = 2 blocks, each embedding)", SLICE,
+     [("backprop_cls5", "train_dt.py", ["--method", "backprop"]),
+      ("backprop_cls0", "train_dt.py", ["--method", "backprop", "--cls-scale", "0"])]
+     + [(f"backprop_{e}_cls{c}", "train_dt.py", ["--method", "backprop", "--embedding", e] + (["--cls-scale", "0"] if c == 0 else []))
+        for e in ("dim20", "prototype") for c in (5, 0)]
+     + [("dt_slice", "train_dt.py", [])]),
 ]
 
 
@@ -42,15 +44,16 @@ def run(name, script, flags, data_dir):
 
 def section(data_dir):
     lines = []
-    for question, runs in QUESTIONS:
-        lines += [f"**{question}**", "", "| command | test % | also | train s |", "|---|---:|---|---:|"]
+    for question, common, runs in QUESTIONS:
+        lines += [f"**{question}** Every run adds `{' '.join(common)}`.", "",
+                  "| command | test % | also | train s |", "|---|---:|---|---:|"]
         for name, script, flags in runs:
-            r = run(name, script, flags, data_dir)
+            r = run(name, script, common + flags, data_dir)
             last = r["history"][-1]
             also = ", ".join(f"{k[9:]} {100 * v:.1f} %" for k, v in last.items() if k.startswith("test_acc_"))
             dead = sum(1 for v in r.get("test_class_recall", []) if v is not None and v < 0.05)
             also += (", " if also else "") + f"{dead} dead classes" if "backprop" in name else ""
-            lines.append(f"| `python {script} {' '.join(flags)}` | {100 * r['test_acc_mean']:.1f} | {also} | "
+            lines.append(f"| `python {' '.join([script] + flags)}` | {100 * r['test_acc_mean']:.1f} | {also} | "
                          f"{r['train_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
