@@ -604,7 +604,9 @@ def test_first_run_downloads_then_trains(tmp_path, mirror, capsys):
     (["--data-dir", "/nonexistent", "--dataset", "cifar100", "--offline"], "error: no cifar100.npz in /nonexistent"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--method", "sgd"], "invalid choice: 'sgd'"),
-    (["--train-limit", "3"], "fewer than one batch")])
+    (["--train-limit", "3"], "fewer than one batch"),
+    (["--num-processes", "2"], "--num-processes 2 needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "localhost:1234", "--process-id", "2"], "--process-id must be below")])
 def test_bad_flags_exit_with_one_line_errors(argv, message, capsys, tmp_path):
     import train_dt  # SystemExit, not an exception from inside JAX: Python prints no traceback for it
     write_npz(tmp_path / "mnist.npz")
