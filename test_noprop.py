@@ -4,6 +4,7 @@ import inspect
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -875,6 +876,10 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
     reproduce.main(argv)  # finished: nothing runs again
     assert "running" not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "ck")  # checkpoint lost: the longer run starts afresh, and so does its log
+    reproduce.main([a if a != "1" else "2" for a in argv])
+    log = open(tmp_path / "out" / "dt_mnist_onehot_s0.log").read()
+    assert log.count("NoProp-DT mnist") == 1 and "resumed" not in log and log.count("\nepoch") == 2, log
     png = reproduce.figure(str(tmp_path / "out"), str(tmp_path / "curves.png"))  # None without matplotlib (optional)
     assert png is None if importlib.util.find_spec("matplotlib") is None else os.path.getsize(png) > 10_000
 
