@@ -874,6 +874,7 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert rec["epochs"] == 1 and len(rec["test_accs"]) == 2 and len(rec["train_accs"]) == 2
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
     assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
+    assert "python -m results.reproduce --rows dt_mnist_onehot --epochs 1 --seeds 0\n" in reproduce.runs(str(tmp_path / "out"))
     reproduce.main(argv)  # finished: nothing runs again
     assert "running" not in capsys.readouterr().out
     shutil.rmtree(tmp_path / "ck")  # checkpoint lost: the longer run starts afresh, and so does its log

@@ -73,6 +73,18 @@ def table(results_dir=HERE):
     return "\n".join(out)
 
 
+def runs(results_dir=HERE):
+    """The command that made every finished run of the table, one line per row and epoch count."""
+    seeds = {}
+    for p in sorted(glob.glob(os.path.join(results_dir, "*_s*.json"))):
+        m = re.fullmatch(r"(\w+)_s(\d+)\.json", os.path.basename(p))
+        rec = json.load(open(p)) if m and m[1] in ROWS else {}
+        if "test_acc_mean" in rec:
+            seeds.setdefault((m[1], rec["epochs"]), []).append(m[2])
+    return "\n".join(["```bash"] + [f"python -m results.reproduce --rows {row} --epochs {e} --seeds {','.join(s)}"
+                                    for (row, e), s in seeds.items()] + ["```"])
+
+
 def curves():
     """Per run: test (train) accuracy after every epoch, one inference run each, and the epoch's seconds."""
     out = []
@@ -128,6 +140,7 @@ def figure(results_dir=HERE, path=os.path.join(HERE, "figures", "mnist_onehot.pn
 
 def write_readme_table():
     replace_section(os.path.join(ROOT, "README.md"), "table", table())
+    replace_section(os.path.join(HERE, "README.md"), "runs", runs())
     replace_section(os.path.join(HERE, "README.md"), "curves", curves())
     figure()
 
