@@ -174,7 +174,7 @@ def main(argv=None):
                     print(" ".join(["python"] + cmd[1:]))
                 elif not finished(run + ".json", epochs):
                     print(f"running {row} seed {seed} ({epochs} epochs)", flush=True)
-                    resuming = os.path.exists(os.path.join(a.checkpoint_root, f"{row}_s{seed}", "checkpoint.npz"))
+                    resuming = os.path.exists(os.path.join(cmd[cmd.index("--checkpoint-dir") + 1], "checkpoint.npz"))
                     with open(run + ".log", "a" if resuming else "w") as log:  # a fresh run starts a fresh log
                         if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
                             sys.exit(f"error: {row} seed {seed} failed; see {run}.log")
