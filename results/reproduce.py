@@ -26,6 +26,7 @@ SCRIPT = {"dt": "train_dt.py", "backprop": "train_dt.py", "ct": "train_ct.py", "
 FLAGS = {"backprop": ["--method", "backprop"], "adjoint": ["--method", "adjoint"]}
 NAMES = {"backprop": "Backprop", "dt": "NoProp-DT", "adjoint": "Adjoint", "ct": "NoProp-CT", "fm": "NoProp-FM"}
 DATASETS = ("mnist", "cifar10", "cifar100")
+PAPER_STEPS = 1000  # CT and FM inference steps (Table 3, "Timesteps 1000")
 # Table 1 as printed (results/paper_table1.txt): train and test accuracy (%) for MNIST, CIFAR-10, CIFAR-100
 PAPER = {tuple(line.split()[:2]): tuple(line.split()[2:]) for line in open(os.path.join(HERE, "paper_table1.txt"))
          if line.strip() and not line.startswith("#")}
@@ -39,6 +40,12 @@ def command(row, seed, epochs, data_dir, ckpt_root, out_dir="results", extra=())
            "--seed", str(seed), "--eval-runs", "5", "--quiet", "--out", os.path.join(out_dir, f"{run}.json"),
            "--checkpoint-dir", os.path.join(ckpt_root, run), "--resume", *extra]
     return cmd + (["--data-dir", data_dir] if data_dir else [])
+
+
+def steps_flag(rec):
+    """'--steps N' when a CT/FM run used other than the paper's 1000 inference steps, else ''."""
+    steps = rec["args"].get("steps", PAPER_STEPS) if rec["variant"] in ("ct", "fm") else PAPER_STEPS
+    return f"--steps {steps}" if steps != PAPER_STEPS else ""
 
 
 def finished(path, epochs):
@@ -66,7 +73,9 @@ def table(results_dir=HERE):
             return f"{v_.mean():.2f} ± {v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
 
         epochs = sorted({r["epochs"] for r in recs})
-        out.append(f"| {NAMES[v]} | {e} | {d.upper()} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}) | {len(recs)} | "
+        steps = sorted({steps_flag(r)[8:] for r in recs} - {""})
+        note = f", {'/'.join(steps)} inference steps" if steps else ""
+        out.append(f"| {NAMES[v]} | {e} | {d.upper()} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
                    f"{stat('train_accs') if all('train_accs' in r for r in recs) else '-'} | **{stat('test_accs')}** | "
                    f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
                    f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")
@@ -80,9 +89,9 @@ def runs(results_dir=HERE):
         m = re.fullmatch(r"(\w+)_s(\d+)\.json", os.path.basename(p))
         rec = json.load(open(p)) if m and m[1] in ROWS else {}
         if "test_acc_mean" in rec:
-            seeds.setdefault((m[1], rec["epochs"]), []).append(m[2])
+            seeds.setdefault((m[1], rec["epochs"], steps_flag(rec)), []).append(m[2])
     return "\n".join(["```bash"] + [f"python -m results.reproduce --rows {row} --epochs {e} --seeds {','.join(s)}"
-                                    for (row, e), s in seeds.items()] + ["```"])
+                                    + (f' --extra "{x}"' if x else "") for (row, e, x), s in seeds.items()] + ["```"])
 
 
 def curves():
