@@ -70,7 +70,7 @@ def table(results_dir=HERE):
 
         def stat(key):
             v_ = 100 * np.concatenate([r[key] for r in recs])
-            return f"{v_.mean():.2f} ± {v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
+            return f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
 
         epochs = sorted({r["epochs"] for r in recs})
         steps = sorted({steps_flag(r)[8:] for r in recs} - {""})
