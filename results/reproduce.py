@@ -42,10 +42,9 @@ def command(row, seed, epochs, data_dir, ckpt_root, out_dir="results", extra=())
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
-def steps_flag(rec):
-    """'--steps N' when a CT/FM run used other than the paper's 1000 inference steps, else ''."""
-    steps = rec["args"].get("steps", PAPER_STEPS) if rec["variant"] in ("ct", "fm") else PAPER_STEPS
-    return f"--steps {steps}" if steps != PAPER_STEPS else ""
+def inference_steps(rec):
+    """A CT/FM run's inference steps: the paper's 1000 unless its --steps said otherwise."""
+    return rec["args"].get("steps", PAPER_STEPS) if rec["variant"] in ("ct", "fm") else PAPER_STEPS
 
 
 def finished(path, epochs):
@@ -73,8 +72,8 @@ def table(results_dir=HERE):
             return f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
 
         epochs = sorted({r["epochs"] for r in recs})
-        steps = sorted({steps_flag(r)[8:] for r in recs} - {""})
-        note = f", {'/'.join(steps)} inference steps" if steps else ""
+        steps = sorted({inference_steps(r) for r in recs} - {PAPER_STEPS})
+        note = f", {'/'.join(map(str, steps))} inference steps" if steps else ""
         out.append(f"| {NAMES[v]} | {e} | {d.upper()} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
                    f"{stat('train_accs') if all('train_accs' in r for r in recs) else '-'} | **{stat('test_accs')}** | "
                    f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
@@ -89,9 +88,9 @@ def runs(results_dir=HERE):
         m = re.fullmatch(r"(\w+)_s(\d+)\.json", os.path.basename(p))
         rec = json.load(open(p)) if m and m[1] in ROWS else {}
         if "test_acc_mean" in rec:
-            seeds.setdefault((m[1], rec["epochs"], steps_flag(rec)), []).append(m[2])
+            seeds.setdefault((m[1], rec["epochs"], inference_steps(rec)), []).append(m[2])
     return "\n".join(["```bash"] + [f"python -m results.reproduce --rows {row} --epochs {e} --seeds {','.join(s)}"
-                                    + (f' --extra "{x}"' if x else "") for (row, e, x), s in seeds.items()] + ["```"])
+                                    + (f' --extra "--steps {n}"' if n != PAPER_STEPS else "") for (row, e, n), s in seeds.items()] + ["```"])
 
 
 def curves():
