@@ -26,6 +26,7 @@ SCRIPT = {"dt": "train_dt.py", "backprop": "train_dt.py", "ct": "train_ct.py", "
 FLAGS = {"backprop": ["--method", "backprop"], "adjoint": ["--method", "adjoint"]}
 NAMES = {"backprop": "Backprop", "dt": "NoProp-DT", "adjoint": "Adjoint", "ct": "NoProp-CT", "fm": "NoProp-FM"}
 DATASETS = ("mnist", "cifar10", "cifar100")
+TITLES = dict(zip(DATASETS, ("MNIST", "CIFAR-10", "CIFAR-100")))
 PAPER_STEPS = 1000  # CT and FM inference steps (Table 3, "Timesteps 1000")
 # Table 1 as printed (results/paper_table1.txt): train and test accuracy (%) for MNIST, CIFAR-10, CIFAR-100
 PAPER = {tuple(line.split()[:2]): tuple(line.split()[2:]) for line in open(os.path.join(HERE, "paper_table1.txt"))
@@ -74,7 +75,7 @@ def table(results_dir=HERE):
         epochs = sorted({r["epochs"] for r in recs})
         steps = sorted({inference_steps(r) for r in recs} - {PAPER_STEPS})
         note = f", {'/'.join(map(str, steps))} inference steps" if steps else ""
-        out.append(f"| {NAMES[v]} | {e} | {d.upper()} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
+        out.append(f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
                    f"{stat('train_accs') if all('train_accs' in r for r in recs) else '-'} | **{stat('test_accs')}** | "
                    f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
                    f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")
