@@ -3,7 +3,7 @@
 python -m results.experiments [--data-dir DIR]   # runs what is missing, then rewrites the README section
 
 Each run writes results/experiments/{name}.json and .log. The runs are deliberately short
-(a slice of MNIST, 2 epochs, 100 inference steps), so compare numbers within a question only.
+(a slice of MNIST, 2 epochs), so compare numbers within a question only.
 """
 import argparse
 import json
@@ -15,12 +15,9 @@ from results.reproduce import replace_section  # noqa: E402  (run as python -m r
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHORT = ["--train-limit", "12800", "--test-limit", "2000", "--epochs", "2", "--steps", "100", "--eval-runs", "2"]
 SLICE = ["--T", "2", "--batch-size", "16", "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "500",
          "--epochs", "2", "--eval-runs", "2"]  # the test suite's DT budget: 256 steps of 16 images
 QUESTIONS = [  # (question, flags of every run, [(run name, script, its own flags)])
-    ("Fixed one-hot, learned 20-d or learned image-sized (prototype) class embeddings? (`--embedding`, FM)", SHORT,
-     [(f"fm_{e}", "train_fm.py", ["--embedding", e]) for e in ("onehot", "dim20", "prototype")]),
     ("Does the backprop baseline need its classifier init? (`--cls-scale`, T = 2 blocks, each embedding)", SLICE,
      [("backprop_cls5", "train_dt.py", ["--method", "backprop"]),
       ("backprop_cls0", "train_dt.py", ["--method", "backprop", "--cls-scale", "0"])]
