@@ -95,11 +95,11 @@ def runs(results_dir=HERE):
 
 
 def curves():
-    """Per run: test (train) accuracy after every epoch, one inference run each, and the epoch's seconds."""
+    """Per finished run: test (train) accuracy after every epoch, one inference run each, and the epoch's seconds."""
     out = []
     for p in sorted(glob.glob(os.path.join(HERE, "*_s*.json"))):
-        if re.search(r"_s\d+(_\w+)?\.json$", p) and "_steps" not in p:
-            r = json.load(open(p))
+        r = json.load(open(p)) if re.search(r"_s\d+(_\w+)?\.json$", p) else {}
+        if "test_acc_mean" in r:  # finished runs only, as in the table (step sweeps and runs still going have none)
             out.append(f"- `{os.path.basename(p)[:-5]}`: " + ", ".join(
                 f"{h['epoch']}: {100 * h['test_acc']:.2f}" + (f" ({100 * h['train_acc']:.2f})" if "train_acc" in h else "")
                 + f" {h['train_seconds']:.0f} s" for h in r["history"]))
