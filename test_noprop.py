@@ -688,7 +688,7 @@ def subprocess_checks(tmp):
             "memory": (["-m", "bench.speed", "--tiny", "--memory", "--out", os.path.join(tmp, "memory.json")],
                        {"XLA_FLAGS": FAST_COMPILE}),
             "profile": (["-m", "bench.speed", "--tiny", "--profile", "--out", os.path.join(tmp, "profile.json")], {}),
-            "processes": (["-c", PROCESSES, tmp], {"XLA_FLAGS": FAST_COMPILE, "NOPROP_JOIN_TIMEOUT": "5"})}
+            "processes": (["-c", PROCESSES, tmp], {"XLA_FLAGS": FAST_COMPILE})}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -731,7 +731,9 @@ np.savez(os.path.join(tmp, "mnist.npz"), x_train=rng.integers(0, 256, (64, 28, 2
          y_train=rng.integers(0, 10, 64).astype(np.uint8), x_test=rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
          y_test=rng.integers(0, 10, 16).astype(np.uint8))
 
-def start(script, tag, n, *extra, ranks=None, mpirun=False):
+def start(script, tag, n, *extra, ranks=None, mpirun=False, join=120):
+    # join: seconds a process waits for the others (NOPROP_JOIN_TIMEOUT); generous, since a dozen
+    # processes start JAX at once on the test machine's cores, but short where a process never comes
     argv = [sys.executable, script, "--data-dir", tmp, "--batch-size", "16", "--eval-runs", "1", "--quiet", *extra]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -741,7 +743,7 @@ def start(script, tag, n, *extra, ranks=None, mpirun=False):
     ompi = lambda i: {"OMPI_MCA_orte_hnp_uri": f"1.0;tcp://127.0.0.1:{port}", "OMPI_COMM_WORLD_SIZE": str(n),
                       "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i)}
     return [subprocess.Popen(argv + ([] if mpirun else many(i)) + ["--out", os.path.join(tmp, f"{tag}.json")], text=True,
-                             env={**os.environ, **(ompi(i) if mpirun else {})},
+                             env={**os.environ, "NOPROP_JOIN_TIMEOUT": str(join), **(ompi(i) if mpirun else {})},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in ranks or range(n)]
 
 def finish(procs):
@@ -756,7 +758,7 @@ groups = {"dt_1": start(*dt[:1], "dt_1", 1, *dt[1:], "--epochs", "2"),
           "mpirun": start(*dt[:1], "mpirun", 2, *dt[1:], "--epochs", "1", mpirun=True)}
 out = {k: finish(v) for k, v in groups.items()}
 out["dt_2"] = finish(start(*dt[:1], "dt_2", 2, *dt[1:], "--epochs", "2", *ck, "--resume"))  # resumed on both
-out["alone"] = finish(start(*dt[:1], "alone", 2, *dt[1:], "--epochs", "1", ranks=[0]))  # process 1 never comes
+out["alone"] = finish(start(*dt[:1], "alone", 2, *dt[1:], "--epochs", "1", ranks=[0], join=5))  # process 1 never comes
 print(json.dumps(out))
 """
 
