@@ -576,14 +576,14 @@ def test_wrong_checksum_is_one_line_and_leaves_no_file(tmp_path, mirror):
 
 def test_refused_connection_fails_in_seconds_and_offline_never_connects(tmp_path, monkeypatch):
     import socket, time
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+    with socket.socket() as s:  # bound, never listening: connections are refused, and no other process can take the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("NOPROP_DATA_URL", f"http://127.0.0.1:{port}")
-    t0 = time.time()
-    with pytest.raises(ValueError, match=f"could not download http://127.0.0.1:{port}/mnist.npz"):
-        data.load_dataset("mnist", str(tmp_path))
-    assert time.time() - t0 < 5
+        monkeypatch.setenv("NOPROP_DATA_URL", f"http://127.0.0.1:{port}")
+        t0 = time.time()
+        with pytest.raises(ValueError, match=f"could not download http://127.0.0.1:{port}/mnist.npz"):
+            data.load_dataset("mnist", str(tmp_path))
+        assert time.time() - t0 < 5
     with pytest.raises(ValueError, match="no cifar10.npz in .* and --offline forbids downloading it"):
         data.load_dataset("cifar10", str(tmp_path), offline=True)
     assert not any(p.name.endswith(".npz") for p in tmp_path.iterdir())
