@@ -56,14 +56,15 @@ def finished(path, epochs):
     return "test_acc_mean" in rec and rec["epochs"] >= epochs
 
 
-def finished_runs(results_dir, pattern, name_re):
-    """(path, record) of every run in results_dir whose file matches pattern and name_re and that finished:
+def finished_runs(results_dir, name_re):
+    """(name match, record) of every finished run in results_dir whose file name matches name_re:
     a run still going, or a step sweep, has no test_acc_mean."""
     out = []
-    for p in sorted(glob.glob(os.path.join(results_dir, pattern))):
-        rec = json.load(open(p)) if re.fullmatch(name_re, os.path.basename(p)) else {}
+    for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        m = re.fullmatch(name_re, os.path.basename(p))
+        rec = json.load(open(p)) if m else {}
         if "test_acc_mean" in rec:
-            out.append((p, rec))
+            out.append((m, rec))
     return out
 
 
@@ -72,7 +73,7 @@ def table(results_dir=HERE):
     out = ["| variant | embedding | dataset | epochs (paper) | seeds | train % | test % | paper train | paper test | hours |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for row, (v, d, e) in ROWS.items():
-        recs = [r for _, r in finished_runs(results_dir, f"{row}_s*.json", rf"{row}_s\d+\.json")]
+        recs = [r for _, r in finished_runs(results_dir, rf"{row}_s\d+\.json")]
         if not recs:
             continue
         col = DATASETS.index(d)
@@ -94,8 +95,7 @@ def table(results_dir=HERE):
 def runs(results_dir=HERE):
     """The command that made every finished run of the table, one line per row and epoch count."""
     seeds = {}
-    for p, rec in finished_runs(results_dir, "*_s*.json", r"\w+_s\d+\.json"):
-        m = re.fullmatch(r"(\w+)_s(\d+)\.json", os.path.basename(p))
+    for m, rec in finished_runs(results_dir, r"(\w+)_s(\d+)\.json"):
         if m[1] in ROWS:
             seeds.setdefault((m[1], rec["epochs"], inference_steps(rec)), []).append(m[2])
     return "\n".join(["```bash"] + [f"python -m results.reproduce --rows {row} --epochs {e} --seeds {','.join(s)}"
@@ -105,8 +105,8 @@ def runs(results_dir=HERE):
 def curves():
     """Per finished run: test (train) accuracy after every epoch, one inference run each, and the epoch's seconds."""
     out = []
-    for p, r in finished_runs(HERE, "*_s*.json", r"\w+_s\d+(_\w+)?\.json"):
-        out.append(f"- `{os.path.basename(p)[:-5]}`: " + ", ".join(
+    for m, r in finished_runs(HERE, r"(\w+_s\d+(_\w+)?)\.json"):
+        out.append(f"- `{m[1]}`: " + ", ".join(
             f"{h['epoch']}: {100 * h['test_acc']:.2f}" + (f" ({100 * h['train_acc']:.2f})" if "train_acc" in h else "")
             + f" {h['train_seconds']:.0f} s" for h in r["history"]))
     return "\n".join(out)
@@ -132,10 +132,10 @@ def figure(results_dir=HERE, path=os.path.join(HERE, "figures", "mnist_onehot.pn
         return None
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     for i, v in enumerate(NAMES):
-        for p, rec in finished_runs(results_dir, f"{v}_mnist_onehot_s*.json", rf"{v}_mnist_onehot_s\d+\.json"):
+        for m, rec in finished_runs(results_dir, rf"{v}_mnist_onehot_s(\d+)\.json"):
             h = rec["history"]
             acc = [100 * e["test_acc"] for e in h]
-            label = NAMES[v] if p.endswith("_s0.json") else None
+            label = NAMES[v] if m[1] == "0" else None
             by_epoch.plot(range(1, len(h) + 1), acc, f"C{i}", marker=".", label=label)
             if v in ("ct", "fm", "adjoint"):
                 by_time.plot(np.cumsum([e["train_seconds"] for e in h]), acc, f"C{i}", marker=".", label=label)
