@@ -884,6 +884,10 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert '--rows fm_mnist_prototype --epochs 1 --seeds 0 --extra "--steps 20"\n' in reproduce.runs(str(tmp_path / "out"))
     json.dump(rec, open(tmp_path / "out" / "dt_cifar10_onehot_s0.json", "w"))  # the dataset column names it as the paper does
     assert "| NoProp-DT | onehot | CIFAR-10 | 1 (150) | 1 |" in reproduce.table(str(tmp_path / "out"))
+    old = {k: v for k, v in rec.items() if k != "train_accs"}  # a run from before train accuracy: counted apart
+    json.dump(old, open(tmp_path / "out" / "dt_cifar10_onehot_s1.json", "w"))
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if "| CIFAR-10 | 1 (150) | 2 |" in r]
+    assert len(row) == 1 and f"| {100 * np.mean(rec['train_accs']):.2f}" in row[0] and "(1 of 2 seeds) |" in row[0], row
     reproduce.main(argv)  # finished: nothing runs again
     assert "running" not in capsys.readouterr().out
     shutil.rmtree(tmp_path / "ck")  # checkpoint lost: the longer run starts afresh, and so does its log

@@ -78,15 +78,19 @@ def table(results_dir=HERE):
             continue
         col = DATASETS.index(d)
 
-        def stat(key):
-            v_ = 100 * np.concatenate([r[key] for r in recs])
-            return f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
+        def stat(key):  # over the seeds that measured it (train accuracy came later than some runs)
+            have = [r[key] for r in recs if key in r]
+            if not have:
+                return "-"
+            v_ = 100 * np.concatenate(have)
+            s = f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
+            return s + (f" ({len(have)} of {len(recs)} seeds)" if len(have) < len(recs) else "")
 
         epochs = sorted({r["epochs"] for r in recs})
         steps = sorted({inference_steps(r) for r in recs} - {PAPER_STEPS})
         note = f", {'/'.join(map(str, steps))} inference steps" if steps else ""
         out.append(f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
-                   f"{stat('train_accs') if all('train_accs' in r for r in recs) else '-'} | **{stat('test_accs')}** | "
+                   f"{stat('train_accs')} | **{stat('test_accs')}** | "
                    f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
                    f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")
     return "\n".join(out)
