@@ -723,7 +723,7 @@ def background(request, tmp_path_factory):
 # --- Many devices (jax.sharding): one sharded step equals the single-device step ---
 
 PROCESSES = """
-import json, os, socket, subprocess, sys
+import json, os, random, socket, subprocess, sys
 import numpy as np
 tmp = sys.argv[1]
 rng = np.random.default_rng(0)
@@ -731,16 +731,25 @@ np.savez(os.path.join(tmp, "mnist.npz"), x_train=rng.integers(0, 256, (64, 28, 2
          y_train=rng.integers(0, 10, 64).astype(np.uint8), x_test=rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
          y_test=rng.integers(0, 10, 16).astype(np.uint8))
 
+def free_port(mpirun):
+    # under mpirun, jax takes the coordinator's port from the job id: 61440 + (id // 4096) % 4096. Pick a free
+    # one at random in that range, since a fixed job id would collide with another suite running on this machine
+    for port in random.sample(range(61440, 65536), 4096) if mpirun else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                pass
+
 def start(script, tag, n, *extra, ranks=None, mpirun=False, join=120):
     # join: seconds a process waits for the others (NOPROP_JOIN_TIMEOUT); generous, since a dozen
     # processes start JAX at once on the test machine's cores, but short where a process never comes
     argv = [sys.executable, script, "--data-dir", tmp, "--batch-size", "16", "--eval-runs", "1", "--quiet", *extra]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port(mpirun)
     many = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)] if n > 1 else []
     # mpirun's environment instead of the flags: jax.distributed finds the coordinator and ranks there
-    ompi = lambda i: {"OMPI_MCA_orte_hnp_uri": f"1.0;tcp://127.0.0.1:{port}", "OMPI_COMM_WORLD_SIZE": str(n),
+    ompi = lambda i: {"OMPI_MCA_orte_hnp_uri": f"{(port - 61440) * 4096}.0;tcp://127.0.0.1:{port}", "OMPI_COMM_WORLD_SIZE": str(n),
                       "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i)}
     return [subprocess.Popen(argv + ([] if mpirun else many(i)) + ["--out", os.path.join(tmp, f"{tag}.json")], text=True,
                              env={**os.environ, "NOPROP_JOIN_TIMEOUT": str(join), **(ompi(i) if mpirun else {})},
