@@ -863,6 +863,25 @@ def test_profile_names_the_dt_steps_ops_by_primitive_and_pass(background):
     assert any("_bernoulli" in o["primitive"] for o in ops)  # dropout's random bits, found by name
 
 
+# --- results.chain_gap: where Eq. 3's noise costs accuracy ---
+
+def test_chain_gap_measures_the_chain_predict_dt_runs_and_each_block_on_its_own_input():
+    from results import chain_gap
+    params, state, x, y, sched = tiny_dt()
+    block = lambda t: jax.tree.map(lambda a: a[t], (params["blocks"], state))
+    params["blocks"]["out"]["b"] = params["blocks"]["out"]["b"].at[2].set(50.0 * jnp.eye(4)[3])  # block 3 says 3
+    for stochastic in (False, True):
+        logits, preds = chain_gap.chain_logits(params, state, KEY, x, sched, stochastic)
+        np.testing.assert_array_equal(preds, noprop.predict_dt(params, state, KEY, x, sched, stochastic))
+        assert logits.shape == (3, 8, 4) and bool(jnp.all(logits[2].argmax(-1) == 3))
+        assert not bool(jnp.any(logits[1].argmax(-1) == 3))  # per block, not the chain's end
+        z0 = jax.random.normal(jax.random.split(KEY)[0], (8, 4))  # predict_dt's z_0: block 1's input
+        np.testing.assert_allclose(logits[0], noprop.dt_block(*block(0), x, z0)[0], rtol=1e-4, atol=1e-5)
+    q = chain_gap.q_logits(params, state, KEY, x, y, sched)
+    z1 = noprop.sample_q(jax.random.split(KEY, 3)[1], jnp.eye(4)[y], sched["alpha_bar"][1])  # block 2 sees z_1
+    np.testing.assert_allclose(q[1], noprop.dt_block(*block(1), x, z1)[0], rtol=1e-4, atol=1e-5)
+
+
 # --- results.reproduce: the paper's Table 1 as a plan ---
 
 def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
