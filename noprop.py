@@ -8,7 +8,8 @@ Conventions, stated once (paper section 2, Eq. 6):
   the DDPM index convention, which is where most public implementations go wrong.
 - Shapes: images x (B, H, W, C) float32 in [0, 1]; labels y (B,) int; latents z (B, d).
 - Parameters are nested dicts of arrays. The T DT blocks are ONE pytree whose leaves carry a
-  leading axis T; they are trained together by `jax.vmap` and run at inference by `lax.scan`.
+  leading axis T; they are trained together by one map over that axis (`map_blocks`: `jax.vmap`,
+  or the same map unrolled) and run at inference by a scan over it (`scan_blocks`).
 - Batch-norm running statistics live in a separate `state` pytree. `key=None` means
   evaluation mode: dropout off, batch norm reads its running statistics.
 - Where the paper is silent, our choice is a named constant or argument marked NOT SPECIFIED.
@@ -46,12 +47,18 @@ def init_conv(key, c_in, c_out):
     return {"W": p["W"].reshape(3, 3, c_in, c_out), "b": p["b"]}
 
 
+KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # XLA compiler options (see conv3x3)
+
+
 def conv3x3(p, x):
     """3x3 VALID convolution as im2col + one matmul. Shapes: (B, H, W, C) -> (B, H-2, W-2, C_out).
 
     Same math as lax.conv_general_dilated, but its backward pass is a matmul, which XLA:CPU
-    runs ~10x faster under vmap over stacked block weights (bench/README.md).
+    runs ~10x faster under vmap over stacked block weights (bench/README.md). The barrier makes
+    XLA compute x once instead of once per shifted slice; it changes no value, and XLA:CPU keeps
+    it only when compiled with KEEP_BARRIERS (the training step is: 7-20 % faster).
     """
+    x = jax.lax.optimization_barrier(x)
     H, W = x.shape[-3] - 2, x.shape[-2] - 2
     patches = jnp.concatenate([x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)], -1)
     return patches @ p["W"].reshape(-1, p["W"].shape[-1]) + p["b"]
@@ -92,6 +99,40 @@ def batchnorm(p, s, x, train):
     else:
         mean, var = s["mean"], s["var"]
     return (x - mean) * jax.lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"], s
+
+
+# --- The block axis: the T stacked DT blocks under one map, compiled one of two ways ---
+
+BLOCK_AXES = ("auto", "vmap", "unroll")
+
+
+def unrolled(block_axis="auto"):
+    """Whether map_blocks and scan_blocks unroll the block axis: "unroll", "vmap", or "auto".
+
+    "auto" unrolls on a single CPU device: there XLA runs T ordinary convolutions and matmuls
+    faster than their batched forms (bench/README.md). On a GPU, and over several devices (which
+    each hold some of the blocks), vmap and a rolled scan keep the block axis whole.
+    """
+    if block_axis not in BLOCK_AXES:
+        raise ValueError(f"block_axis must be one of {BLOCK_AXES}, got {block_axis!r}")
+    return block_axis == "unroll" or (block_axis == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+def map_blocks(f, xs, block_axis="auto"):
+    """f(*xs_t) for every t of the leading (block) axis of the arrays in xs, outputs stacked on it.
+
+    Either jax.vmap(f)(*xs), or the same map written out: a Python loop over t that slices each
+    block's parameters, runs f, and stacks the T outputs back. Same result, same gradients (tested).
+    """
+    if not unrolled(block_axis):
+        return jax.vmap(f)(*xs)
+    outs = [f(*jax.tree.map(lambda a: a[t], xs)) for t in range(jax.tree.leaves(xs)[0].shape[0])]
+    return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+
+def scan_blocks(step, init, xs, block_axis="auto"):
+    """lax.scan of step over the block axis of xs; unrolled into straight-line code as map_blocks is."""
+    return jax.lax.scan(step, init, xs, unroll=unrolled(block_axis))
 
 
 # --- Architecture (Fig. 6; parameter counts of v2 Table 5) ---
@@ -263,8 +304,8 @@ def init_dt(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
     return params, state
 
 
-def loss_dt(params, state, key, x, y, sched, eta=0.1):
-    """Sum over blocks t = 1..T of L_t (Eq. 61), all T blocks at once under vmap.
+def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto"):
+    """Sum over blocks t = 1..T of L_t (Eq. 61), all T blocks at once under one map_blocks.
 
     L_t = CE(p(y | z_T)) + KL(q(z_0|y) || p(z_0)) + (T/2) eta (SNR(t) - SNR(t-1)) |u_hat_t - u_y|^2,
     z_T ~ q(z_T|y) and block t's input z_{t-1} ~ q(z_{t-1}|y) (Eq. 8). The input is a sample
@@ -283,17 +324,18 @@ def loss_dt(params, state, key, x, y, sched, eta=0.1):
         ce = cross_entropy(dense(params["classifier"], sample_q(k_T, u_y, ab[-1])), y)
         return ce, jnp.mean(((u_hat - u_y) ** 2).sum(-1)), bn
 
-    ce, l2, state = jax.vmap(block_loss)(params["blocks"], state, jax.random.split(key, T), ab[:-1])
+    ce, l2, state = map_blocks(block_loss, (params["blocks"], state, jax.random.split(key, T), ab[:-1]), block_axis)
     kl = jnp.mean(kl_z0(u_y, ab[0]))
     L_t = ce + kl + 0.5 * T * eta * dsnr * l2
     return L_t.sum(), (state, {"L_t": L_t, "ce": ce.mean(), "kl": kl, "l2": l2})
 
 
-def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True):
+def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
     """Run Eq. 3 from z_0: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t.
 
     `xs` is scanned alongside the coefficients (the stacked blocks for DT, the time grid for
-    CT). Returns z_T and the whole path (T, B, d). Deterministic: eps_t = 0.
+    CT). Returns z_T and the whole path (T, B, d). Deterministic: eps_t = 0. block_axis: see
+    scan_blocks (DT's 10 blocks may be unrolled; CT's 1000 grid steps stay a rolled loop).
     """
     eps = jax.random.normal(key, (sched["a"].shape[0],) + z0.shape) * stochastic
 
@@ -302,10 +344,10 @@ def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True):
         z = a * u_hat_fn(xs_t, z) + b * z + jnp.sqrt(c) * e
         return z, z
 
-    return jax.lax.scan(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps))
+    return scan_blocks(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps), block_axis)
 
 
-def predict_dt(params, state, key, x, sched, stochastic=True):
+def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto"):
     """Class predictions from images alone: z_0 ~ N(0, I), Eq. 3 over the blocks, argmax p(y|z_T)."""
     W = class_embeddings(params)
     k0, k_eps = jax.random.split(key)
@@ -314,7 +356,7 @@ def predict_dt(params, state, key, x, sched, stochastic=True):
     def u_hat(block_and_bn, z):
         return jax.nn.softmax(dt_block(*block_and_bn, x, z)[0]) @ W
 
-    zT, _ = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic)
+    zT, _ = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic, block_axis)
     return jnp.argmax(dense(params["classifier"], zT), -1)
 
 
@@ -527,7 +569,7 @@ def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None,
     return params, state
 
 
-def backprop_chain(params, state, x, z0, drop_keys=None):
+def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto"):
     """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
 
     drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
@@ -539,22 +581,22 @@ def backprop_chain(params, state, x, z0, drop_keys=None):
         logits, bn = dt_block(block, bn, x, z, k)
         return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
 
-    return jax.lax.scan(step, z0, (params["blocks"], state, params["w"], drop_keys))
+    return scan_blocks(step, z0, (params["blocks"], state, params["w"], drop_keys), block_axis)
 
 
-def loss_backprop(params, state, key, x, y):
+def loss_backprop(params, state, key, x, y, block_axis="auto"):
     """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
     k0, k_drop = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
-    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]))
+    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]), block_axis)
     ce = cross_entropy(dense(params["classifier"], zT), y)
     return ce, (state, {"ce": ce})
 
 
-def predict_backprop(params, state, key, x):
+def predict_backprop(params, state, key, x, block_axis="auto"):
     """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
     z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
-    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0)[0]), -1)
+    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0, None, block_axis)[0]), -1)
 
 
 # --- Adjoint baseline (Sec. 4, Table 1): a neural ODE trained by the adjoint method (Chen et al. 2018) ---

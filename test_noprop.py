@@ -199,6 +199,36 @@ def test_backprop_baseline_sends_gradient_through_every_block_and_it_is_the_loss
     np.testing.assert_allclose(float(loss - loss_and_grad(moved)[0]), step * norm, rtol=0.2)
 
 
+@pytest.mark.parametrize("method", ["dt", "backprop"])
+def test_unrolled_block_axis_computes_what_vmap_and_scan_compute(method):
+    """map_blocks / scan_blocks: the unrolled loop is the same map as vmap and the same chain as lax.scan."""
+    if method == "dt":
+        params, state, x, y, sched = tiny_dt(embedding="dim20")
+        loss = functools.partial(noprop.loss_dt, sched=sched)
+        predict = functools.partial(noprop.predict_dt, sched=sched)
+    else:
+        params, state = noprop.init_backprop(KEY, TINY, 4, "dim20", T=3)
+        x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
+        loss, predict = noprop.loss_backprop, noprop.predict_backprop
+    outs = {}
+    for form in ("vmap", "unroll"):
+        grad = jax.value_and_grad(lambda p: loss(p, state, KEY, x, y, block_axis=form), has_aux=True)
+        (value, (new_state, aux)), g = jax.jit(grad)(params)
+        outs[form] = (value, new_state, aux, g, jax.jit(functools.partial(predict, block_axis=form))(params, state, KEY, x))
+    (v1, s1, a1, g1, p1), (v2, s2, a2, g2, p2) = outs["vmap"], outs["unroll"]
+    assert float(v1) > 0 and sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g1["blocks"])) > 0
+    # float tolerance, on the scale of all the gradients (biases before batch norm have gradient 0 in exact
+    # math and float noise here) and of each other array
+    scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(g1))
+    for a, b in zip(jax.tree.leaves((v1, s1, a1)), jax.tree.leaves((v2, s2, a2))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+    np.testing.assert_array_equal(p1, p2)
+    with pytest.raises(ValueError, match="block_axis"):
+        noprop.unrolled("scan")
+
+
 def adjoint_problem(steps, adjoint):
     """CE after the adjoint baseline's ODE on a tiny problem, by the adjoint method or by backprop through Euler."""
     params, _ = noprop.init_adjoint(KEY, TINY, 4, "dim20")
@@ -758,7 +788,7 @@ def start(script, tag, n, *extra, ranks=None, mpirun=False, join=120):
 def finish(procs):
     return [(p.wait(300), *p.communicate()) for p in procs]
 
-dt, ct = ["train_dt.py", "--T", "2"], ["train_ct.py", "--steps", "10"]
+dt, ct = ["train_dt.py", "--T", "2", "--block-axis", "vmap"], ["train_ct.py", "--steps", "10"]  # 2 processes: vmap, so 1 too
 ck = ["--checkpoint-dir", os.path.join(tmp, "ck")]
 groups = {"dt_1": start(*dt[:1], "dt_1", 1, *dt[1:], "--epochs", "2"),
           "ct_1": start(*ct[:1], "ct_1", 1, *ct[1:], "--epochs", "2"),
@@ -836,19 +866,27 @@ def test_devices_flag_must_divide_the_split_axis(tmp_path):
         tiny_run(tmp_path, "--epochs", "1", "--devices", "3")
 
 
+STEPS = {"noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "noprop_dt_one_block", "backprop_scan",
+         "backprop_unroll", "noprop_ct", "noprop_fm", "adjoint"}
+
+
 def test_bench_speed_runs_end_to_end_on_tiny_shapes(background):
     """bench/speed.py cannot rot: every section runs (tiny shapes) and reports sane figures."""
     r = background("bench")
     assert r.returncode == 0 and "inference" in r.stdout, r.stderr[-3000:]
     out = json.load(open(r.args[r.args.index("--out") + 1]))
-    assert set(out["train_step"]) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm",
-                                      "adjoint"}
-    for name, r in out["train_step"].items():
+    s = out["train_step"]["tiny"]
+    assert set(s) == STEPS
+    for name, r in s.items():
         assert r["ms_per_step"] > 0 and (name == "adjoint" or r["gflop_per_step"] > 0) and r["temp_mb"] >= 0
-    # the all-blocks step does T times the one-block work; backprop keeps every block's activations
-    s = out["train_step"]
-    assert 1.5 < s["noprop_dt_all_blocks"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
-    assert out["dispatch"]["scan_steps_per_s"] > 0 and out["inference"]["ct"]["speedup"] > 0
+    # the all-blocks step does T times the one-block work, in either form of the block axis
+    for form in ("vmap", "unroll"):
+        assert 1.5 < s[f"noprop_dt_all_blocks_{form}"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
+    # the rolled scan's count is one block's times T (the optimiser's share too, so a little more)
+    np.testing.assert_allclose(s["backprop_scan"]["gflop_per_step"], s["backprop_unroll"]["gflop_per_step"], rtol=0.15)
+    if importlib.util.find_spec("torch"):  # the PyTorch references, where torch is installed
+        assert all(s[k]["speed_vs_pytorch"] > 0 for k in STEPS - {"noprop_dt_one_block", "adjoint"})
+    assert out["dispatch"]["train_steps_steps_per_s"] > 0 and out["inference"]["features_once"]["ct"]["speedup"] > 0
     assert out["matmul_gflop_per_s"] > 0
 
 
@@ -930,8 +968,8 @@ def test_memory_of_every_training_step_and_the_adjoint_holds_no_trajectory(backg
     r = background("memory")
     assert r.returncode == 0 and "adjoint" in r.stdout, r.stderr[-3000:]
     temp = {k: v["temp_mb"] for k, v in json.load(open(r.args[r.args.index("--out") + 1]))["train_step"].items()}
-    assert set(temp) == {"noprop_dt_all_blocks", "noprop_dt_one_block", "backprop", "noprop_ct", "noprop_fm", "adjoint"}
-    assert temp["noprop_dt_one_block"] < temp["backprop"] and all(v > 0 for v in temp.values())
+    assert set(temp) == STEPS
+    assert temp["noprop_dt_one_block"] < min(temp["backprop_scan"], temp["backprop_unroll"]) and all(v > 0 for v in temp.values())
 
 
 # --- Figures (--plot; matplotlib is optional) ---

@@ -18,6 +18,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT and Backprop rows
     epochs=0,  # 0: the paper's (MNIST 100; CIFAR-10/100 150)
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # AdamW
     T=10, eta=0.1,
+    block_axis="auto",  # how the T blocks compile (noprop.map_blocks): same numbers, the fastest form by default
     seed=0, eval_runs=5,  # Table 1: 5 inference runs per seed, mean +- standard error
     train_limit=0, test_limit=0, deterministic=False,
     out="", checkpoint_dir="", resume=False, quiet=False, plot=False,
@@ -37,11 +38,13 @@ def main(argv=None):
           f"{noprop.count_params(params['blocks']) // args.T:,} parameters, {len(data[0])} train / "
           f"{len(data[2])} test images, {jax.devices()[0].device_kind}")
     sched = noprop.cosine_schedule(args.T)
+    blocks = dict(block_axis=args.block_axis)
     if backprop:
-        loss, predict, also = noprop.loss_backprop, jax.jit(noprop.predict_backprop), {}
+        loss = functools.partial(noprop.loss_backprop, **blocks)
+        predict, also = jax.jit(functools.partial(noprop.predict_backprop, **blocks)), {}
     else:
-        loss = functools.partial(noprop.loss_dt, sched=sched, eta=args.eta)
-        predict, other = (jax.jit(functools.partial(noprop.predict_dt, sched=sched, stochastic=s))
+        loss = functools.partial(noprop.loss_dt, sched=sched, eta=args.eta, **blocks)
+        predict, other = (jax.jit(functools.partial(noprop.predict_dt, sched=sched, stochastic=s, **blocks))
                           for s in (not args.deterministic, args.deterministic))
         also = {"stochastic" if args.deterministic else "deterministic": other}
     optimizer = optax.adamw(args.lr, weight_decay=args.weight_decay)

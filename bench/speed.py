@@ -1,12 +1,14 @@
 """Speed, memory and dispatch of noprop on this machine, all measured in one run.
 
-python -m bench.speed            # ~5 min on the 2-core CPU; writes results/bench.json
+python -m bench.speed            # ~15 min on the 2-core CPU; writes results/bench.json
 python -m bench.speed --quick    # shorter: fewer repetitions, 1,000 images, 100 inference steps
+python -m bench.speed --scaling --out results/scaling.json  # the DT step over T and batch; inference over steps
 python -m bench.speed --memory --out results/memory.json   # compiled temporaries only (the paper's Table 2)
 python -m bench.speed --profile --out results/profile.json # where the DT step's time goes, per XLA op
 
-Shapes are MNIST's (28x28x1, 10 classes, batch 128) with random weights and inputs: time does
-not depend on the values. FLOPs are XLA's own count of the compiled program (cost_analysis).
+Shapes are MNIST's (28x28x1, 10 classes, batch 128) and CIFAR-10's (32x32x3), random weights and
+inputs: time does not depend on the values. With torch installed (optional), each step that has a
+PyTorch reference (bench/torch_ref.py) is timed beside it in the same run. FLOPs are XLA's own count of the compiled program (cost_analysis).
 """
 import argparse, functools, json, os, platform, sys, time
 
@@ -44,53 +46,108 @@ def matmul_rate(n, reps):
     return 2 * n ** 3 / seconds(f, a, reps=reps)
 
 
-def train_steps(shape, m, B, T, key, ode_steps):
-    """name -> (init, loss, optimizer) of every training step measured."""
+SHAPES = {"MNIST": ((28, 28, 1), 10), "CIFAR-10": ((32, 32, 3), 10)}
+CIFAR_ROWS = ("noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "backprop_scan", "backprop_unroll",
+              "noprop_ct", "noprop_fm")  # CIFAR-10's shapes: the steps with a PyTorch reference
+
+
+def train_steps(shape, m, T, key, ode_steps):
+    """name -> (init, loss, optimizer, PyTorch reference kind or None) of every training step measured.
+
+    Both forms of the block axis (noprop.map_blocks) for the DT step and the backprop chain.
+    """
     adamw = optax.adamw(1e-3, weight_decay=1e-3)
-    ct = noprop.init_ct(key, shape, m)
+    ct, dt, bp = noprop.init_ct(key, shape, m), noprop.init_dt(key, shape, m, T=T), noprop.init_backprop(key, shape, m, T=T)
+    sched = noprop.cosine_schedule(T)
     return {
-        "noprop_dt_all_blocks": (noprop.init_dt(key, shape, m, T=T),
-                                 functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(T)), adamw),
+        "noprop_dt_all_blocks_vmap": (dt, functools.partial(noprop.loss_dt, sched=sched, block_axis="vmap"), adamw, "dt"),
+        "noprop_dt_all_blocks_unroll": (dt, functools.partial(noprop.loss_dt, sched=sched, block_axis="unroll"), adamw, "dt"),
         "noprop_dt_one_block": (noprop.init_dt(key, shape, m, T=1),
-                                functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(1)), adamw),
-        "backprop": (noprop.init_backprop(key, shape, m, T=T), noprop.loss_backprop, adamw),
-        "noprop_ct": (ct, noprop.loss_ct, noprop.adam_l2(1e-3, 1e-3, ct[0])),
-        "noprop_fm": (ct, noprop.loss_fm, noprop.adam_l2(1e-3, 1e-3, ct[0])),
-        "adjoint": (noprop.init_adjoint(key, shape, m), functools.partial(noprop.loss_adjoint, steps=ode_steps), adamw),
+                                functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(1)), adamw, None),
+        "backprop_scan": (bp, functools.partial(noprop.loss_backprop, block_axis="vmap"), adamw, "backprop"),
+        "backprop_unroll": (bp, functools.partial(noprop.loss_backprop, block_axis="unroll"), adamw, "backprop"),
+        "noprop_ct": (ct, noprop.loss_ct, noprop.adam_l2(1e-3, 1e-3, ct[0]), "ct"),
+        "noprop_fm": (ct, noprop.loss_fm, noprop.adam_l2(1e-3, 1e-3, ct[0]), "fm"),
+        "adjoint": (noprop.init_adjoint(key, shape, m), functools.partial(noprop.loss_adjoint, steps=ode_steps), adamw, None),
     }
 
 
-def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False):
+def compiled_step(params, state, loss, opt, key, x, y):
+    """The scripts' training step (harness.loop.jit_step), compiled for these shapes; and its arguments."""
+    args = (params, state, opt.init(params), key, x, y)
+    return loop.jit_step(loss, opt).lower(*args).compile(), args
+
+
+def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False, only=None):
+    """Per training step: ms, images/s, XLA's FLOPs, share of the matmul rate, temporaries."""
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
     rows = {}
-    for name, ((params, state), loss, opt) in train_steps(shape, m, B, T, key, ode_steps).items():
-        step = functools.partial(loop.train_step, loss_fn=loss, optimizer=opt)
-        args = (params, state, opt.init(params), key, x, y)
-        compiled = jax.jit(step).lower(*args).compile()
+    for name, ((params, state), loss, opt, ref) in train_steps(shape, m, T, key, ode_steps).items():
+        if only and name not in only:
+            continue
+        compiled, args = compiled_step(params, state, loss, opt, key, x, y)
         mem = compiled.memory_analysis()
         if memory_only:
             rows[name] = {"temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
             print(f"{name:28s} temporaries {rows[name]['temp_mb']:8.1f} MB", flush=True)
             continue
         s = seconds(compiled, *args, reps=reps)
-        # XLA counts a loop body once: backprop's scan runs it T times; the adjoint's loops mix with the
-        # image path outside them, so its count means nothing (None)
-        flops = None if name == "adjoint" else cost(compiled) * (T if name == "backprop" else 1)
+        # XLA counts a loop body once: the rolled backprop scan runs it T times; the adjoint's loops mix
+        # with the image path outside them, so its count means nothing (None)
+        flops = None if name == "adjoint" else cost(compiled) * (T if name == "backprop_scan" else 1)
         rows[name] = {"ms_per_step": 1000 * s, "images_per_s": B / s, "gflop_per_step": flops and flops / 1e9,
-                      "fraction_of_matmul_rate": flops and flops / s / rate,
-                      "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
+                      "fraction_of_matmul_rate": flops and rate and flops / s / rate,
+                      "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20,
+                      "pytorch_reference": ref}
+        print(f"  {name:28s} {rows[name]['ms_per_step']:8.0f} ms", flush=True)
     return rows
 
 
-def profile_step(shape, m, B, T, key, reps=3):
+def add_torch(out, shapes, B, T, reps, torch_ref):
+    """The PyTorch references, timed after every JAX row: torch's idle OpenMP threads keep spinning
+    for a while after it runs, and would slow whatever is timed next in this process."""
+    for name, rows in out.get("train_step", {}).items():
+        (shape, m), ms = shapes[name], {}
+        for row in rows.values():
+            ref = row["pytorch_reference"]
+            if ref and ref not in ms:
+                ms[ref] = torch_ref.ms_per_step(ref, shape, m, B, T, reps)
+                print(f"  PyTorch {ref} step, {name}: {ms[ref]:.0f} ms", flush=True)
+            if ref:
+                row.update(pytorch_ms_per_step=ms[ref], speed_vs_pytorch=ms[ref] / row["ms_per_step"])
+    for rows in out["inference"].values():
+        for variant, row in ([("ct", rows["ct"]), ("fm", rows["fm"])] if "ct" in rows else []):
+            row["pytorch_s"] = torch_ref.seconds_inference(variant, shapes[next(iter(shapes))][0], 10, row["images"], row["steps"])
+            row["speed_vs_pytorch"] = row["pytorch_s"] / row["features_once_s"]
+            print(f"  PyTorch {variant.upper()} inference, {row['images']} images x {row['steps']} steps: "
+                  f"{row['pytorch_s']:.1f} s ({row['speed_vs_pytorch']:.2f}x)", flush=True)
+
+
+def bench_scaling(shape, m, key, reps, Ts=(1, 2, 5, 10, 20), batches=(32, 128, 512)):
+    """ms of the DT all-blocks step in both forms of the block axis, over T and the batch size."""
+    rows = []
+    for T in Ts:
+        params, state = noprop.init_dt(key, shape, m, T=T)
+        for B in batches:
+            x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
+            row = {"T": T, "batch": B}
+            for form in ("vmap", "unroll"):
+                loss = functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(T), block_axis=form)
+                compiled, args = compiled_step(params, state, loss, optax.adamw(1e-3, weight_decay=1e-3), key, x, y)
+                row[f"{form}_ms"] = 1000 * seconds(compiled, *args, reps=reps)
+            print(f"  T={T:2d} batch {B:3d}: vmap {row['vmap_ms']:7.0f} ms, unroll {row['unroll_ms']:7.0f} ms", flush=True)
+            rows.append(row)
+    return rows
+
+
+def profile_step(shape, m, B, T, key, reps=3, form="unroll"):
     """Where the DT all-blocks step spends its time: XLA:CPU's own per-op trace (jax.profiler),
     each op named by the JAX primitive at its root (from the compiled HLO's metadata) and by
     pass (forward, or backward: JAX's transpose). Returns rows sorted by time, ms per step."""
     import collections, glob, gzip, re, tempfile
-    (params, state), loss, opt = train_steps(shape, m, B, T, key, 5)["noprop_dt_all_blocks"]
+    (params, state), loss, opt, _ = train_steps(shape, m, T, key, 5)[f"noprop_dt_all_blocks_{form}"]
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
-    args = (params, state, opt.init(params), key, x, y)
-    compiled = jax.jit(functools.partial(loop.train_step, loss_fn=loss, optimizer=opt)).lower(*args).compile()
+    compiled, args = compiled_step(params, state, loss, opt, key, x, y)
     jax.block_until_ready(compiled(*args))
     origin = dict(re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', compiled.as_text()))
     with tempfile.TemporaryDirectory() as d:
@@ -106,37 +163,41 @@ def profile_step(shape, m, B, T, key, reps=3):
             kind = re.sub(r"\.\d+$", "", e["name"])
             rows[(pass_, prim, kind)] += e["dur"] / 1000 / reps
     total = sum(rows.values())
-    return {"wall_ms": 1000 * wall, "op_ms_total": total,
+    return {"wall_ms": 1000 * wall, "op_ms_total": total, "form": form,
             "ops": [{"pass": k[0], "primitive": k[1], "xla_op": k[2], "ms": v, "share": v / total}
                     for k, v in sorted(rows.items(), key=lambda kv: -kv[1])]}
 
 
 def bench_dispatch(shape, m, B, n_steps, key):
-    """One epoch of CT steps: a Python loop over batches vs one compiled lax.scan over batches."""
+    """One epoch of CT steps: a Python loop of one call per step (batch gathered by its own call, as
+    the scripts did before) vs harness.loop.train_steps, the scripts' calls of many steps each."""
     params, state = noprop.init_ct(key, shape, m)
     opt = noprop.adam_l2(1e-3, 1e-3, params)
-    step = functools.partial(loop.train_step, loss_fn=noprop.loss_ct, optimizer=opt)
     x = jax.random.uniform(key, (n_steps * B,) + shape)
     y = jax.random.randint(key, (n_steps * B,), 0, m)
     batches, keys = jnp.arange(n_steps * B).reshape(n_steps, B), jax.random.split(key, n_steps)
-    jstep = jax.jit(step)
-    tree = (params, state, opt.init(params))
-    jax.block_until_ready(jstep(*tree, keys[0], *loop.get_batch(x, y, batches, 0)))  # compile only
+    jstep, many = loop.jit_step(noprop.loss_ct, opt), loop.jit_step(noprop.loss_ct, opt, loop.train_steps)
+    tree, n = {"params": params, "state": state, "opt_state": opt.init(params)}, loop.steps_per_call(n_steps)
+    gather = jax.jit(lambda x, y, idx: (x[idx], y[idx]))
+    jax.block_until_ready(jstep(tree["params"], tree["state"], tree["opt_state"], keys[0], *gather(x, y, batches[0])))
+    jax.block_until_ready(many(tree, keys[:n], batches[:n], x, y))  # compile both
 
-    def python_loop(tree):
+    def one_per_step(tree):
+        p = (tree["params"], tree["state"], tree["opt_state"])
         for i in range(n_steps):
-            tree = jstep(*tree, keys[i], *loop.get_batch(x, y, batches, i))[:3]
+            p = jstep(*p, keys[i], *gather(x, y, batches[i]))[:3]
+            jax.block_until_ready(p)  # the progress bar's wait
+        return p
+
+    def chunks(tree):
+        for i in range(0, n_steps, n):
+            tree, loss, _ = many(tree, keys[i:i + n], batches[i:i + n], x, y)
+            loss.block_until_ready()
         return tree
 
-    def scanned(tree):
-        def body(tree, inp):
-            k, idx = inp
-            return step(*tree, k, x[idx], y[idx])[:3], None
-        return jax.lax.scan(body, tree, (keys, batches))[0]
-
-    scanned = jax.jit(scanned).lower(tree).compile()
-    return {"steps": n_steps, "python_loop_steps_per_s": n_steps / seconds(python_loop, tree, reps=1, warmup=False),
-            "scan_steps_per_s": n_steps / seconds(scanned, tree, reps=1, warmup=False)}
+    return {"steps": n_steps, "steps_per_call": n,
+            "python_loop_steps_per_s": n_steps / seconds(one_per_step, tree, reps=1, warmup=False),
+            "train_steps_steps_per_s": n_steps / seconds(chunks, tree, reps=1, warmup=False)}
 
 
 def predict_recompute(params, key, x, steps, variant):
@@ -156,80 +217,98 @@ def predict_recompute(params, key, x, steps, variant):
     return jnp.argmax(noprop.dense(params["classifier"], zT), -1)
 
 
-def bench_inference(shape, m, n_images, steps, n_slice, key):
+def bench_inference(shape, m, n_images, steps, n_slice, key, recompute=True):
+    """Seconds of CT and FM inference over n_images in the scripts' chunks, and of the recomputing
+    form (timed on n_slice images, scaled)."""
     params, _ = noprop.init_ct(key, shape, m)
     x, y = jax.random.uniform(key, (n_images,) + shape), jnp.zeros(n_images, jnp.int32)
     rows = {}
     for variant, predict in (("ct", noprop.predict_ct), ("fm", noprop.predict_fm)):
         fast = jax.jit(functools.partial(predict, steps=steps))
         evaluate = lambda p: loop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path, in chunks
-        slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
-        slow = slow.lower(params, key, x[:n_slice]).compile()
-        jax.block_until_ready(fast(params, {}, key, x[:loop.EVAL_CHUNK]))  # compile evaluate's chunk shape
-        t_fast = seconds(evaluate, params, reps=1, warmup=False)
-        t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
-        rows[variant] = {"images": n_images, "steps": steps, "features_once_s": t_fast,
-                         "recompute_s_scaled": t_slow, "recompute_slice": n_slice, "speedup": t_slow / t_fast}
+        chunk = min(n_images, loop.EVAL_CHUNK)
+        loop.evaluate(fast, params, {}, key, x[:chunk], y[:chunk], 1)  # compile evaluate's chunk shape and its helpers
+        row = rows[variant] = {"images": n_images, "steps": steps, "features_once_s": seconds(evaluate, params, reps=1, warmup=False)}
+        if recompute:
+            slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
+            slow = slow.lower(params, key, x[:n_slice]).compile()
+            t_slow = seconds(slow, params, key, x[:n_slice], reps=1, warmup=False) * n_images / n_slice
+            row.update(recompute_s_scaled=t_slow, recompute_slice=n_slice, speedup=t_slow / row["features_once_s"])
+        print(f"  {variant.upper()} inference, {n_images} images x {steps} steps: {row['features_once_s']:.1f} s"
+              + (f", recomputing {row['recompute_s_scaled']:.0f} s" if recompute else ""), flush=True)
     return rows
+
+
+def torch_or_none():
+    try:  # optional: the PyTorch references, when torch is installed
+        from bench import torch_ref
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        return torch_ref
+    except ImportError:
+        print("(pip install torch to time the PyTorch references beside ours)")
+        return None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~30 s version: fewer repetitions and images")
+    p.add_argument("--quick", action="store_true", help="shorter: fewer repetitions, 1,000 images, 100 inference steps")
     p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2 (for the test)")
     p.add_argument("--memory", action="store_true", help="only the compiled temporaries of each training step (no timing)")
     p.add_argument("--profile", action="store_true", help="only a per-op profile of the DT all-blocks step")
+    p.add_argument("--scaling", action="store_true", help="only how the DT step grows with T and the batch, and "
+                   "CT/FM inference with the number of steps (~15 min)")
+    p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch references even if torch is installed")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "bench.json"))
     a = p.parse_args(argv)
     key = jax.random.PRNGKey(0)
-    shape, m, B, T = ((16, 16, 1), 10, 8, 2) if a.tiny else ((28, 28, 1), 10, 128, 10)
+    shapes = {"tiny": ((16, 16, 1), 10)} if a.tiny else SHAPES
+    B, T = (8, 2) if a.tiny else (128, 10)
     reps, n_images, steps, n_slice, epoch = (2, 64, 5, 8, 4) if a.tiny else (3, 1000, 100, 100, 60) if a.quick \
         else (5, 10000, 1000, 100, 60000 // 128)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
     ode_steps = 5 if a.tiny else 1000
+    out = {"machine": machine, "jax": jax.__version__, "backend": jax.default_backend(), "batch": B, "T": T}
+    shape, m = next(iter(shapes.values()))
     if a.memory:
-        return loop.write_json(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "adjoint_steps": ode_steps,
-                             "train_step": bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True)})
+        out.update(adjoint_steps=ode_steps, train_step=bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True))
+        return loop.write_json(a.out, out)
     if a.profile:
         prof = profile_step(shape, m, B, T, key)
-        print(f"DT all-blocks step: {prof['wall_ms']:.0f} ms wall, {prof['op_ms_total']:.0f} ms in XLA ops (both threads)")
+        print(f"DT all-blocks step ({prof['form']}): {prof['wall_ms']:.0f} ms wall, {prof['op_ms_total']:.0f} ms in XLA ops (both threads)")
         for r in prof["ops"][:20]:
             print(f"{r['ms']:8.1f} ms {100 * r['share']:5.1f}%  {r['pass']:8s} {r['primitive']:28s} {r['xla_op']}")
-        return loop.write_json(a.out, {"machine": machine, "jax": jax.__version__, "batch": B, "T": T, "profile": prof})
+        return loop.write_json(a.out, {**out, "profile": prof})
+    if a.scaling:
+        out["dt_step"] = bench_scaling(shape, m, key, 2 if not a.tiny else 1, *(((1, 2), (4, 8)) if a.tiny else ()))
+        out["inference"] = {str(s): bench_inference(shape, m, n_images, s, n_slice, key, recompute=False)
+                            for s in ((2, 5) if a.tiny else (10, 100, 1000))}
+        torch_ref = None if a.no_torch else torch_or_none()
+        if torch_ref:
+            add_torch(out, shapes, B, T, 1, torch_ref)
+        return loop.write_json(a.out, out)
     rate = matmul_rate(256 if a.tiny else 2048, reps)
-    out = {"machine": machine,
-           "jax": jax.__version__, "quick": a.quick, "tiny": a.tiny, "batch": B, "T": T,
-           "matmul_gflop_per_s": rate / 1e9}
-    print(f"machine: {out['machine']}, jax {jax.__version__}; float32 matmul {rate / 1e9:.0f} GFLOP/s")
-    out["train_step"] = bench_steps(shape, m, B, T, reps, rate, key, ode_steps)
-    print(f"\n{'training step, batch %d' % B:28s} {'ms/step':>8s} {'img/s':>7s} {'GFLOP':>7s} {'of matmul':>9s} "
-          f"{'temp MB':>8s} {'args MB':>8s}")
-    for name, r in out["train_step"].items():
-        g, f = (("%7.1f" % r["gflop_per_step"], "%8.0f%%" % (100 * r["fraction_of_matmul_rate"])) if r["gflop_per_step"]
-                else ("%7s" % "-", "%9s" % "-"))
-        print(f"{name:28s} {r['ms_per_step']:8.0f} {r['images_per_s']:7.0f} {g} {f} {r['temp_mb']:8.0f} {r['argument_mb']:8.0f}")
-    s = out["train_step"]
-    try:  # the yardstick, when torch is installed (optional): the same DT step as a PyTorch loop over blocks
-        from bench import torch_ref
-        ref = torch_ref.ms_per_step(shape, m, B, T, reps)
-        out["torch_reference"] = {"ms_per_step": ref, "jax_speedup": ref / s["noprop_dt_all_blocks"]["ms_per_step"]}
-        print(f"{'pytorch_dt_loop_over_blocks':28s} {ref:8.0f}   (noprop_dt_all_blocks is "
-              f"{out['torch_reference']['jax_speedup']:.2f}x as fast)")
-    except ImportError:
-        print("(pip install torch to time the PyTorch reference of the DT step beside ours)")
+    out.update(quick=a.quick, tiny=a.tiny, matmul_gflop_per_s=rate / 1e9, train_step={})
+    print(f"machine: {machine}, jax {jax.__version__}; float32 matmul {rate / 1e9:.0f} GFLOP/s")
+    for name, (shape, m) in shapes.items():
+        print(f"training steps, {name}, batch {B}, T = {T}:")
+        only = None if name in ("MNIST", "tiny") else CIFAR_ROWS
+        out["train_step"][name] = bench_steps(shape, m, B, T, reps, rate, key, ode_steps, only=only)
+    s = out["train_step"][next(iter(shapes))]
     out["ratios"] = {
-        "all_blocks_vs_ten_one_block_steps": s["noprop_dt_all_blocks"]["ms_per_step"] / (T * s["noprop_dt_one_block"]["ms_per_step"]),
-        "one_block_temp_vs_backprop_temp": s["noprop_dt_one_block"]["temp_mb"] / s["backprop"]["temp_mb"]}
+        "all_blocks_vs_ten_one_block_steps": s["noprop_dt_all_blocks_unroll"]["ms_per_step"] / (T * s["noprop_dt_one_block"]["ms_per_step"]),
+        "one_block_temp_vs_backprop_temp": s["noprop_dt_one_block"]["temp_mb"] / s["backprop_unroll"]["temp_mb"]}
+    shape, m = next(iter(shapes.values()))
     out["dispatch"] = bench_dispatch(shape, m, B, epoch, key)
-    out["inference"] = bench_inference(shape, m, n_images, steps, n_slice, key)
+    out["inference"] = {"features_once": bench_inference(shape, m, n_images, steps, n_slice, key)}
+    torch_ref = None if a.no_torch else torch_or_none()
+    if torch_ref:
+        add_torch(out, shapes, B, T, reps, torch_ref)
     d, r = out["dispatch"], out["ratios"]
-    print(f"\nall-blocks step / ten one-block steps: {r['all_blocks_vs_ten_one_block_steps']:.2f}x")
-    print(f"one-block temporaries / backprop temporaries: {100 * r['one_block_temp_vs_backprop_temp']:.0f}%")
-    print(f"dispatch, {d['steps']} CT steps: python loop {d['python_loop_steps_per_s']:.2f} steps/s, "
-          f"lax.scan {d['scan_steps_per_s']:.2f} steps/s")
-    for v, i in out["inference"].items():
-        print(f"{v.upper()} inference, {i['images']} images x {i['steps']} steps: features once {i['features_once_s']:.1f} s, "
-              f"recompute {i['recompute_s_scaled']:.0f} s (timed on {i['recompute_slice']}, scaled): {i['speedup']:.0f}x")
+    print(f"all-blocks step / ten one-block steps: {r['all_blocks_vs_ten_one_block_steps']:.2f}x; "
+          f"one-block temporaries / backprop's: {100 * r['one_block_temp_vs_backprop_temp']:.0f}%")
+    print(f"dispatch, {d['steps']} CT steps: one call per step {d['python_loop_steps_per_s']:.2f} steps/s, "
+          f"{d['steps_per_call']} steps per call {d['train_steps_steps_per_s']:.2f} steps/s")
     return loop.write_json(a.out, out)
 
 

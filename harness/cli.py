@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+import noprop
 from harness.data import DATASETS, default_data_dir, load_dataset
 
 HELP = {
@@ -26,6 +27,8 @@ HELP = {
     "lr": "learning rate",
     "weight_decay": "weight decay (AdamW for DT/backprop, L2 before Adam for CT/FM)",
     "T": "number of blocks (diffusion steps)",
+    "block_axis": "how the T blocks are compiled, same numbers either way: vmap (one batched program), unroll (T "
+                  "ordinary ones: faster on a CPU), or auto (unroll on one CPU device, vmap on GPUs or several devices)",
     "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
     "steps": "inference steps on [0, 1]",
     "clip": "CT only: clip the global gradient norm at this value; 0 = no clipping",
@@ -45,7 +48,7 @@ HELP = {
     "num_processes": "processes taking part, each with its own devices (1: this process alone)",
     "process_id": "this process's rank, 0 .. --num-processes - 1; process 0 prints, writes and checkpoints",
 }
-CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"]}
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"], "block_axis": list(noprop.BLOCK_AXES)}
 POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes")
 NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
                 "process_id")
@@ -170,6 +173,9 @@ def setup(defaults, description, variants, argv=None):
     """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
     args = parse_args(defaults, description, argv, variants)
     join_processes(args)
+    if getattr(args, "block_axis", "") == "auto":  # blocks split over devices (--devices) stay one vmap
+        one_cpu = jax.default_backend() == "cpu" and (args.devices or jax.device_count()) == 1
+        args.block_axis = "unroll" if one_cpu else "vmap"
     data = prepare_data(args)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
     return args, data, DATASETS[args.dataset], k_init, k_run

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+import noprop
 from harness.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -24,6 +25,41 @@ def train_step(params, state, opt_state, key, x, y, *, loss_fn, optimizer):
     (loss, (state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, key, x, y)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), state, opt_state, loss, aux
+
+
+def jit_step(loss_fn, optimizer, step=train_step, **kw):
+    """jax.jit of a training step (train_step, or train_steps) as the scripts compile it: on a CPU,
+    with noprop.KEEP_BARRIERS."""
+    options = noprop.KEEP_BARRIERS if jax.default_backend() == "cpu" else None
+    return jax.jit(functools.partial(step, loss_fn=loss_fn, optimizer=optimizer, **kw), compiler_options=options)
+
+
+def train_steps(tree, keys, batches, x, y, *, loss_fn, optimizer, batch_sharding=None):
+    """Several train_steps as one lax.scan (one call from Python, no dispatch between steps).
+
+    tree: {"params", "state", "opt_state"}; keys (n, 2) and batches (n, B) index the data x, y.
+    batch_sharding: where each batch lives (split over devices for data parallelism).
+    Returns (tree after the n steps, losses (n,), aux with a leading axis n).
+    """
+    def body(tree, inp):
+        k, idx = inp
+        xb, yb = x[idx], y[idx]
+        if batch_sharding is not None:
+            xb, yb = jax.lax.with_sharding_constraint((xb, yb), batch_sharding)
+        params, state, opt_state, loss, aux = train_step(*tree, k, xb, yb, loss_fn=loss_fn, optimizer=optimizer)
+        return (params, state, opt_state), (loss, aux)
+
+    (params, state, opt_state), (losses, aux) = jax.lax.scan(
+        body, (tree["params"], tree["state"], tree["opt_state"]), (keys, batches))
+    return {"params": params, "state": state, "opt_state": opt_state}, losses, aux
+
+
+STEPS_PER_CALL = 20  # at most this many steps per compiled call: a progress line after each call
+
+
+def steps_per_call(steps, most=STEPS_PER_CALL):
+    """The largest divisor of an epoch's steps that is at most `most`: every call has one shape."""
+    return max(k for k in range(1, min(most, steps) + 1) if steps % k == 0)
 
 
 TRAIN_EVAL = 10_000  # train accuracy is measured on the first 10,000 training images (paper: NOT SPECIFIED)
@@ -153,12 +189,6 @@ def device_count(args, variant):
     return n
 
 
-@jax.jit
-def get_batch(x, y, batches, i):
-    """Batch i of an epoch, gathered on the device. batches: (steps, B) example indices."""
-    return x[batches[i]], y[batches[i]]
-
-
 def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
     """Train for args.epochs, evaluate, checkpoint and write JSON each epoch. Returns the record.
 
@@ -173,7 +203,6 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
     B, steps = args.batch_size, len(x_tr) // args.batch_size  # drop the last partial batch
     if getattr(args, "ema", 0):  # evaluate an exponential moving average of the weights, kept in opt_state
         optimizer = optax.chain(optimizer, track_ema(args.ema))
-    step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer))
     tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
     n_dev = device_count(args, variant)
     ident = {k: getattr(args, k) for k in ("dataset", "embedding", "seed", "batch_size", "train_limit")}
@@ -192,6 +221,9 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         record.update(history=meta["history"], train_seconds=meta["train_seconds"])
         print(f"resumed from {ckpt} after epoch {len(record['history'])}")
     tree, batch_sharding = place(tree, variant, n_dev)
+    whole = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    x_tr, y_tr = jax.device_put((x_tr, y_tr), whole)  # the training set on every device; batches are gathered there
+    run_steps = jit_step(loss_fn, optimizer, train_steps, batch_sharding=batch_sharding)
     if jax.process_count() > 1:
         print(holdings(tree, variant), file=sys.stderr, flush=True)
     if len(record["history"]) < args.epochs and not args.quiet:
@@ -200,14 +232,12 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         k_epoch = jax.random.fold_in(k_train, epoch)
         batches = jax.random.permutation(k_epoch, len(x_tr))[:steps * B].reshape(steps, B)
         keys = jax.random.split(jax.random.fold_in(k_epoch, 1), steps)
-        t0, losses, auxes = time.time(), [], []
-        for i in range(steps):
-            xb, yb = jax.device_put(get_batch(x_tr, y_tr, batches, i), batch_sharding)
-            *new, loss, aux = step(tree["params"], tree["state"], tree["opt_state"], keys[i], xb, yb)
+        t0, losses, auxes, n = time.time(), [], [], steps_per_call(steps)
+        for i in range(0, steps, n):
+            tree, loss, aux = run_steps(tree, *jax.device_put((keys[i:i + n], batches[i:i + n]), whole), x_tr, y_tr)
             losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
-            tree = dict(zip(("params", "state", "opt_state"), new))
-            progress(i, steps, t0, args.quiet)
-        losses, aux = gather((jnp.stack(losses), jax.tree.map(lambda *a: jnp.stack(a), *auxes)))
+            progress(i + n - 1, steps, t0, args.quiet)
+        losses, aux = gather((jnp.concatenate(losses), jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)))
         check_finite(epoch, losses, aux, tree, ckpt)
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
