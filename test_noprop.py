@@ -678,7 +678,7 @@ def tiny_run(tmp_path, *extra):
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ck = str(tmp_path / "ck")
-    _, full = tiny_run(tmp_path, "--epochs", "2")
+    _, full = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck_full"))  # checkpoints on every epoch
     tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck)
     record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume")
     assert len(record["history"]) == 2 and len(record["history"][0]["terms"]["L_t"]) == 1  # per-term means

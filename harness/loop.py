@@ -221,8 +221,8 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         record.update(history=meta["history"], train_seconds=meta["train_seconds"])
         print(f"resumed from {ckpt} after epoch {len(record['history'])}")
     tree, batch_sharding = place(tree, variant, n_dev)
-    whole = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    x_tr, y_tr = jax.device_put((x_tr, y_tr), whole)  # the training set on every device; batches are gathered there
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    x_tr, y_tr = jax.device_put((x_tr, y_tr), replicated)  # the training set on every device; batches are gathered there
     run_steps = jit_step(loss_fn, optimizer, train_steps, batch_sharding=batch_sharding)
     if jax.process_count() > 1:
         print(holdings(tree, variant), file=sys.stderr, flush=True)
@@ -234,7 +234,7 @@ def fit(args, loss_fn, predict, params, state, optimizer, data, key, also=None):
         keys = jax.random.split(jax.random.fold_in(k_epoch, 1), steps)
         t0, losses, auxes, n = time.time(), [], [], steps_per_call(steps)
         for i in range(0, steps, n):
-            tree, loss, aux = run_steps(tree, *jax.device_put((keys[i:i + n], batches[i:i + n]), whole), x_tr, y_tr)
+            tree, loss, aux = run_steps(tree, *jax.device_put((keys[i:i + n], batches[i:i + n]), replicated), x_tr, y_tr)
             losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
             progress(i + n - 1, steps, t0, args.quiet)
         losses, aux = gather((jnp.concatenate(losses), jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)))
