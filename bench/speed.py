@@ -115,6 +115,10 @@ def add_torch(out, shapes, B, T, reps, torch_ref):
                 print(f"  PyTorch {ref} step, {name}: {ms[ref]:.0f} ms", flush=True)
             if ref:
                 row.update(pytorch_ms_per_step=ms[ref], speed_vs_pytorch=ms[ref] / row["ms_per_step"])
+        for step, row in rows.items():
+            if row["pytorch_reference"]:
+                print(f"  {name:8s} {step:28s} {row['ms_per_step']:7.0f} ms, PyTorch {row['pytorch_ms_per_step']:7.0f} ms: "
+                      f"{row['speed_vs_pytorch']:.2f}x as fast", flush=True)
     for rows in out["inference"].values():
         for variant, row in ([("ct", rows["ct"]), ("fm", rows["fm"])] if "ct" in rows else []):
             row["pytorch_s"] = torch_ref.seconds_inference(variant, shapes[next(iter(shapes))][0], 10, row["images"], row["steps"])
