@@ -173,9 +173,8 @@ def setup(defaults, description, variants, argv=None):
     """A script's start: flags, data on the device, (image_shape, classes), init and run keys."""
     args = parse_args(defaults, description, argv, variants)
     join_processes(args)
-    if getattr(args, "block_axis", "") == "auto":  # blocks split over devices (--devices) stay one vmap
-        one_cpu = jax.default_backend() == "cpu" and (args.devices or jax.device_count()) == 1
-        args.block_axis = "unroll" if one_cpu else "vmap"
+    if getattr(args, "block_axis", "") == "auto":  # the run's JSON records the form noprop.unrolled picks
+        args.block_axis = "unroll" if noprop.unrolled() else "vmap"
     data = prepare_data(args)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(args.seed))
     return args, data, DATASETS[args.dataset], k_init, k_run
