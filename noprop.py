@@ -10,6 +10,9 @@ Conventions, stated once (paper section 2, Eq. 6):
 - Parameters are nested dicts of arrays. The T DT blocks are ONE pytree whose leaves carry a
   leading axis T; they are trained together by one map over that axis (`map_blocks`: `jax.vmap`,
   or the same map unrolled) and run at inference by a scan over it (`scan_blocks`).
+- A DT block is an (init, apply) pair: init(key, image_shape, d, m) -> (params, BN state) and
+  apply(params, state, x, z, key) -> (logits, state). CNN_BLOCK (Fig. 6) is the default; the DT
+  and backprop functions take `block=` to train another one (MLP_BLOCK is one).
 - Batch-norm running statistics live in a separate `state` pytree. `key=None` means
   evaluation mode: dropout off, batch norm reads its running statistics.
 - Where the paper is silent, our choice is a named constant or argument marked NOT SPECIFIED.
@@ -194,7 +197,7 @@ def dt_block(p, s, x, z, key=None):
 
     k_img, k_lab = jax.random.split(key) if train else (None, None)
     img = bn("img_bn", conv_stack(p["img"], x, k_img))
-    if "res1" in p:  # label path: FC-BN-ReLU, then residual (FC-BN-ReLU-FC-BN), no ReLU after +
+    if not is_prototype(x.shape[1:], z.shape[-1]):  # label path: FC-BN-ReLU, residual (FC-BN-ReLU-FC-BN)
         h = jax.nn.relu(bn("lab_bn", dense(p["lab"], z)))
         lab = h + bn("res2_bn", dense(p["res2"], jax.nn.relu(bn("res1_bn", dense(p["res1"], h)))))
     else:  # prototype: z is an image, processed like x by its own conv stack
@@ -202,6 +205,27 @@ def dt_block(p, s, x, z, key=None):
     h = jax.nn.relu(bn("head1_bn", dense(p["head1"], jnp.concatenate([img, lab], -1))))
     h = jax.nn.relu(bn("head2_bn", dense(p["head2"], h)))
     return dense(p["out"], h), new_s
+
+
+CNN_BLOCK = (init_dt_block, dt_block)  # Fig. 6, the paper's block
+
+
+def init_mlp_block(key, image_shape, d, m, width=256):
+    """A block without convolutions: [flatten(x), z] -> FC(width)-ReLU -> FC(width)-ReLU -> FC(m); no BN."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"fc1": init_dense(k1, math.prod(image_shape) + d, width), "fc2": init_dense(k2, width, width),
+            "out": init_dense(k3, width, m)}, {}
+
+
+def mlp_block(p, s, x, z, key=None):
+    """Logits of the MLP block, with dropout after each hidden layer as in Fig. 6; its BN state stays empty."""
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    h = dropout(k1, jax.nn.relu(dense(p["fc1"], jnp.concatenate([x.reshape(x.shape[0], -1), z], -1))))
+    return dense(p["out"], dropout(k2, jax.nn.relu(dense(p["fc2"], h)))), s
+
+
+MLP_BLOCK = (init_mlp_block, mlp_block)
+BLOCKS = {"cnn": CNN_BLOCK, "mlp": MLP_BLOCK}
 
 
 def count_params(p):
@@ -226,16 +250,27 @@ def medoid_images(x, y, m):
     return jnp.stack(rows)
 
 
-def init_embedding(key, embedding, m, image_shape, x=None, y=None):
-    """W_embed (m, d), or None for fixed one-hot (then W_embed = I, not a parameter)."""
+EMBEDDING_INITS = ("prototype", "orthogonal", "random")  # of W_embed at d = image size (Fig. 7 of v2)
+
+
+def init_embedding(key, embedding, m, image_shape, x=None, y=None, init="prototype"):
+    """{"W_embed": (m, d)}, or {} for fixed one-hot (then W_embed = I, not a parameter).
+
+    init: at d = image size, the class medoids (Sec. 2.2.1), or orthonormal or random rows. NOT SPECIFIED
+    their scale: the medoids' mean norm, so the three differ in direction only.
+    """
     if embedding == "onehot":
-        return None
+        return {}
     if embedding == "prototype":
-        return medoid_images(x, y, m)
+        W = medoid_images(x, y, m)
+        if init != "prototype":
+            R = (jax.nn.initializers.orthogonal()(key, W.shape) if init == "orthogonal" else jax.random.normal(key, W.shape))
+            W = R / jnp.linalg.norm(R, axis=1, keepdims=True) * jnp.linalg.norm(W, axis=1).mean()
+        return {"W_embed": W}
     d = embedding_dim(embedding, image_shape, m)
     if m <= d:  # "orthogonal when possible": orthonormal rows
-        return jax.nn.initializers.orthogonal()(key, (m, d))
-    return jax.random.normal(key, (m, d)) / math.sqrt(d)  # NOT SPECIFIED: random otherwise
+        return {"W_embed": jax.nn.initializers.orthogonal()(key, (m, d))}
+    return {"W_embed": jax.random.normal(key, (m, d)) / math.sqrt(d)}  # NOT SPECIFIED: random otherwise
 
 
 def class_embeddings(params):
@@ -246,6 +281,29 @@ def class_embeddings(params):
 
 def cross_entropy(logits, y):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def linear_logits(params, z):
+    """Eq. 14: p(y | z_T) = softmax(f(z_T)), f the linear classifier. Returns the logits (B, m)."""
+    return dense(params["classifier"], z)
+
+
+POSTERIOR_SIGMA = 0.35  # NOT SPECIFIED: sigma of Eq. 16 (see posterior_logits)
+
+
+def posterior_logits(params, z, sigma=POSTERIOR_SIGMA):
+    """Eqs. 15-16, the "posterior" classifier: y~ = softmax(f(z_T)) W_embed, p(y|z_T) ~ exp(-|y~ - u_y|^2 / 2 sigma^2).
+
+    sigma = 0.35: y~ = u_y then gives its class p > 0.99 against 9 one-hot or orthonormal embeddings
+    (sqrt 2 apart: 9 exp(-2 / (2 sigma^2)) < 0.003); prototype embeddings lie farther apart, so sharper.
+    """
+    W = class_embeddings(params)
+    y_tilde = jax.nn.softmax(dense(params["classifier"], z)) @ W
+    sq = (y_tilde ** 2).sum(-1, keepdims=True) - 2 * y_tilde @ W.T + (W ** 2).sum(-1)
+    return -sq / (2 * sigma ** 2)
+
+
+CLASSIFIERS = {"softmax": linear_logits, "posterior": posterior_logits}  # Fig. 6 of v2 compares the two
 
 
 # --- Fixed cosine noise schedule and posterior coefficients (Eqs. 5-6, App. A.3) ---
@@ -291,37 +349,36 @@ def kl_z0(u_y, alpha_bar_0):
 
 # --- NoProp-DT: model, objective (Eq. 8 / Alg. 1) and inference (Eq. 3) ---
 
-def init_dt(key, image_shape, m, embedding="onehot", T=10, x=None, y=None):
+def init_dt(key, image_shape, m, embedding="onehot", x=None, y=None, T=10, block=CNN_BLOCK, embedding_init="prototype"):
     """Params {"blocks" (stacked, leading axis T), "classifier", ["W_embed"]} and BN state."""
     k_blocks, k_cls, k_emb = jax.random.split(key, 3)
     d = embedding_dim(embedding, image_shape, m)
-    blocks, state = jax.jit(jax.vmap(lambda k: init_dt_block(k, image_shape, d, m)))(  # one compile
+    blocks, state = jax.jit(jax.vmap(lambda k: block[0](k, image_shape, d, m)))(  # one compile
         jax.random.split(k_blocks, T))
-    params = {"blocks": blocks, "classifier": init_dense(k_cls, d, m)}
-    W = init_embedding(k_emb, embedding, m, image_shape, x, y)
-    if W is not None:
-        params["W_embed"] = W
-    return params, state
+    return {"blocks": blocks, "classifier": init_dense(k_cls, d, m),
+            **init_embedding(k_emb, embedding, m, image_shape, x, y, embedding_init)}, state
 
 
-def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto"):
+def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto", block=CNN_BLOCK, classifier=linear_logits):
     """Sum over blocks t = 1..T of L_t (Eq. 61), all T blocks at once under one map_blocks.
 
     L_t = CE(p(y | z_T)) + KL(q(z_0|y) || p(z_0)) + (T/2) eta (SNR(t) - SNR(t-1)) |u_hat_t - u_y|^2,
-    z_T ~ q(z_T|y) and block t's input z_{t-1} ~ q(z_{t-1}|y) (Eq. 8). The input is a sample
-    with no gradient path (stop_gradient), so theta_t gets exactly dL_t/dtheta_t; the shared
-    classifier and W_embed get the sum of the T gradients Algorithm 1 would apply one by one.
+    z_T ~ q(z_T|y) and block t's input z_{t-1} ~ q(z_{t-1}|y). L_t is Eq. 8 with its expectation
+    over t ~ U{1, T} taken at one t (Algorithm 1's loss for block t), so sum_t L_t = T x Eq. 8.
+    Block t's input is a sample with no gradient path (stop_gradient), so theta_t gets exactly
+    dL_t/dtheta_t; the shared classifier and W_embed get the sum of the T gradients Algorithm 1
+    would apply one by one.
     """
     W = class_embeddings(params)
     u_y, ab, T = W[y], sched["alpha_bar"], sched["a"].shape[0]
     dsnr = sched["snr"][1:] - sched["snr"][:-1]
 
-    def block_loss(block, bn, k, ab_prev):
+    def block_loss(theta, bn, k, ab_prev):
         k_in, k_T, k_drop = jax.random.split(k, 3)
         z_prev = jax.lax.stop_gradient(sample_q(k_in, u_y, ab_prev))
-        logits, bn = dt_block(block, bn, x, z_prev, k_drop)
+        logits, bn = block[1](theta, bn, x, z_prev, k_drop)
         u_hat = jax.nn.softmax(logits) @ W  # Sec. 2.3.2: convex combination of embeddings
-        ce = cross_entropy(dense(params["classifier"], sample_q(k_T, u_y, ab[-1])), y)
+        ce = cross_entropy(classifier(params, sample_q(k_T, u_y, ab[-1])), y)
         return ce, jnp.mean(((u_hat - u_y) ** 2).sum(-1)), bn
 
     ce, l2, state = map_blocks(block_loss, (params["blocks"], state, jax.random.split(key, T), ab[:-1]), block_axis)
@@ -347,17 +404,18 @@ def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
     return scan_blocks(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps), block_axis)
 
 
-def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto"):
+def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK,
+               classifier=linear_logits):
     """Class predictions from images alone: z_0 ~ N(0, I), Eq. 3 over the blocks, argmax p(y|z_T)."""
     W = class_embeddings(params)
     k0, k_eps = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
 
-    def u_hat(block_and_bn, z):
-        return jax.nn.softmax(dt_block(*block_and_bn, x, z)[0]) @ W
+    def u_hat(theta_and_bn, z):
+        return jax.nn.softmax(block[1](*theta_and_bn, x, z)[0]) @ W
 
     zT, _ = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic, block_axis)
-    return jnp.argmax(dense(params["classifier"], zT), -1)
+    return jnp.argmax(classifier(params, zT), -1)
 
 
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
@@ -375,8 +433,9 @@ def time_embedding(t, dim=64):
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
 
 
-def init_ct_model(key, image_shape, d, m):
-    """u_hat(z_t, x, t) of CT and v(z_t, x, t) of FM: image, label and time paths, head; no BN."""
+def init_continuous(key, image_shape, d, m):
+    """The continuous-time model (Fig. 6 right): u_hat(z_t, x, t) of CT, v(z_t, x, t) of FM and the
+    adjoint's vector field. Image, label and time paths, then a head; no BN."""
     ks = jax.random.split(key, 6)
     lab = init_conv_stack(ks[1], image_shape) if is_prototype(image_shape, d) else init_dense(ks[1], d, 256)
     return {"img": init_conv_stack(ks[0], image_shape), "lab": lab, "time": init_dense(ks[2], 64, 256),
@@ -384,7 +443,7 @@ def init_ct_model(key, image_shape, d, m):
             "out": init_dense(ks[5], 128, m)}
 
 
-def ct_features(p, x, key=None):
+def continuous_features(p, x, key=None):
     """Image path (conv stack -> FC(256) -> ReLU) and its share of head1's pre-activation.
 
     head1(concat[img, lab, time]) = img @ W1[:256] + lab @ W1[256:512] + time @ W1[512:] + b1: the
@@ -394,12 +453,10 @@ def ct_features(p, x, key=None):
     return img @ p["head1"]["W"][:256] + p["head1"]["b"]
 
 
-def ct_logits(p, feats, z, t, key=None):
-    """Logits from ct_features (B,256), z_t (B,d) and t (B,) or (1,) (one t for all) -> (B, m)."""
-    if "conv1" in p["lab"]:  # prototype: z is an image
-        c = p["lab"]["conv1"]["W"].shape[2]
-        side = math.isqrt(z.shape[-1] // c)
-        lab = conv_stack(p["lab"], z.reshape(z.shape[0], side, side, c), key)
+def continuous_logits(p, feats, z, t, image_shape, key=None):
+    """Logits from continuous_features (B,256), z_t (B,d) and t (B,) or (1,) (one t for all) -> (B, m)."""
+    if is_prototype(image_shape, z.shape[-1]):  # z is an image: its own conv stack
+        lab = conv_stack(p["lab"], z.reshape((z.shape[0],) + tuple(image_shape)), key)
     else:
         lab = dense(p["lab"], z)
     W1 = p["head1"]["W"]
@@ -441,17 +498,19 @@ def snr_prime(p, t):
     return jax.jvp(lambda s: jnp.exp(-gamma(p, s)), (t,), (jnp.ones_like(t),))[1]
 
 
-def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None):
-    """Params {"model", "schedule", "classifier", ["W_embed"]}; CT has no BN state."""
-    k_model, k_sched, k_cls, k_emb = jax.random.split(key, 4)
+def init_fm(key, image_shape, m, embedding="onehot", x=None, y=None):
+    """Params {"model", "classifier", ["W_embed"]} of FM and the adjoint: no noise schedule, no BN state."""
+    k_model, _, k_cls, k_emb = jax.random.split(key, 4)  # the second key is init_ct's schedule's
     d = embedding_dim(embedding, image_shape, m)
-    model = jax.jit(init_ct_model, static_argnums=(1, 2, 3))(k_model, image_shape, d, m)  # one compile
-    params = {"model": model, "schedule": init_gamma(k_sched),
-              "classifier": init_dense(k_cls, d, m)}
-    W = init_embedding(k_emb, embedding, m, image_shape, x, y)
-    if W is not None:
-        params["W_embed"] = W
-    return params, {}
+    model = jax.jit(init_continuous, static_argnums=(1, 2, 3))(k_model, image_shape, d, m)  # one compile
+    return {"model": model, "classifier": init_dense(k_cls, d, m),
+            **init_embedding(k_emb, embedding, m, image_shape, x, y)}, {}
+
+
+def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None):
+    """init_fm's params plus the learnable noise schedule, {"schedule"} (App. B)."""
+    params, state = init_fm(key, image_shape, m, embedding, x, y)
+    return {**params, "schedule": init_gamma(jax.random.split(key, 4)[1])}, state
 
 
 def loss_ct(params, state, key, x, y, eta=1.0):
@@ -459,26 +518,26 @@ def loss_ct(params, state, key, x, y, eta=1.0):
 
     t ~ U(0, 1) per example; z_t ~ q(z_t|y) reparameterised, so the schedule learns from all terms.
     """
-    W, sched = class_embeddings(params), params["schedule"]
+    W, g = class_embeddings(params), params["schedule"]
     u_y = W[y]
     k_t, k_z, k_1, k_drop = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, y.shape)
-    z_t = sample_q(k_z, u_y, alpha_bar_ct(sched, t)[:, None])
+    z_t = sample_q(k_z, u_y, alpha_bar_ct(g, t)[:, None])
     k_img, k_lab = jax.random.split(k_drop)
-    logits = ct_logits(params["model"], ct_features(params["model"], x, k_img), z_t, t, k_lab)
+    logits = continuous_logits(params["model"], continuous_features(params["model"], x, k_img), z_t, t, x.shape[1:], k_lab)
     sq_err = ((jax.nn.softmax(logits) @ W - u_y) ** 2).sum(-1)
-    sdm = 0.5 * eta * jnp.mean(snr_prime(sched, t) * sq_err)
-    readout = dense(params["classifier"], sample_q(k_1, u_y, alpha_bar_ct(sched, jnp.ones(()))))
+    sdm = 0.5 * eta * jnp.mean(snr_prime(g, t) * sq_err)
+    readout = dense(params["classifier"], sample_q(k_1, u_y, alpha_bar_ct(g, jnp.ones(()))))
     ce = cross_entropy(readout, y)
-    kl = jnp.mean(kl_z0(u_y, alpha_bar_ct(sched, jnp.zeros(()))))
-    ends = alpha_bar_ct(sched, jnp.array([0.0, 1.0]))  # logged every epoch (P8), with how well p(y|z_1) reads z_1 ~ q
+    kl = jnp.mean(kl_z0(u_y, alpha_bar_ct(g, jnp.zeros(()))))
+    ends = alpha_bar_ct(g, jnp.array([0.0, 1.0]))  # logged every epoch: the learned schedule's ends, and how well p(y|z_1) reads z_1 ~ q
     return ce + kl + sdm, (state, {"ce": ce, "kl": kl, "sdm": sdm, "alpha_bar_0": ends[0], "alpha_bar_1": ends[1],
                                    "readout_acc": jnp.mean(jnp.argmax(readout, -1) == y)})
 
 
-def ct_grid_schedule(sched_params, steps):
+def ct_grid_schedule(gamma_params, steps):
     """The DT coefficients of Eq. 3 on the grid t_k = k/steps, alpha_bar_k = alpha_bar(t_k)."""
-    return schedule_from_alpha_bar(alpha_bar_ct(sched_params, jnp.linspace(0.0, 1.0, steps + 1)))
+    return schedule_from_alpha_bar(alpha_bar_ct(gamma_params, jnp.linspace(0.0, 1.0, steps + 1)))
 
 
 def predict_ct(params, state, key, x, steps=1000, stochastic=True):
@@ -487,12 +546,12 @@ def predict_ct(params, state, key, x, steps=1000, stochastic=True):
     Image features once; each step evaluates only the label, time and head layers at t_{k-1}.
     """
     W, model = class_embeddings(params), params["model"]
-    feats = ct_features(model, x)
+    feats = continuous_features(model, x)
     k0, k_eps = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
 
     def u_hat(t_prev, z):
-        return jax.nn.softmax(ct_logits(model, feats, z, jnp.full((1,), t_prev))) @ W
+        return jax.nn.softmax(continuous_logits(model, feats, z, jnp.full((1,), t_prev), x.shape[1:])) @ W
 
     t_prev = jnp.arange(steps) / steps
     zT, _ = eq3_chain(k_eps, z0, ct_grid_schedule(params["schedule"], steps), u_hat, t_prev, stochastic)
@@ -516,7 +575,7 @@ def loss_fm(params, state, key, x, y, sigma=FM_SIGMA):
     z0, t = jax.random.normal(k0, u_y.shape), jax.random.uniform(k_t, y.shape)[:, None]
     z_t = t * u_y + (1 - t) * z0 + sigma * jax.random.normal(k_s, u_y.shape)
     k_img, k_lab = jax.random.split(k_drop)
-    v = ct_logits(model, ct_features(model, x, k_img), z_t, t[:, 0], k_lab) @ W
+    v = continuous_logits(model, continuous_features(model, x, k_img), z_t, t[:, 0], x.shape[1:], k_lab) @ W
     fm = jnp.mean(((v - (u_y - z0)) ** 2).sum(-1))
     if "W_embed" not in params:  # fixed one-hot: pure flow matching, the classifier is unused
         return fm, (state, {"fm": fm})
@@ -540,10 +599,10 @@ def nearest_embedding(z, W):
 def predict_fm(params, state, key, x, steps=1000):
     """Probability-flow ODE from z_0 ~ N(0, I) by Euler, image features once; nearest embedding."""
     W, model = class_embeddings(params), params["model"]
-    feats = ct_features(model, x)
+    feats = continuous_features(model, x)
 
     def v(t, z):
-        return ct_logits(model, feats, z, jnp.full((1,), t)) @ W
+        return continuous_logits(model, feats, z, jnp.full((1,), t), x.shape[1:]) @ W
 
     z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), v, steps)
     return nearest_embedding(z1, W)
@@ -552,24 +611,23 @@ def predict_fm(params, state, key, x, steps=1000):
 # --- Backprop baseline (Eqs. 17-19): the same T blocks chained end to end, trained by backprop ---
 
 BACKPROP_A_INIT = 0.5  # NOT SPECIFIED: a_t = tanh(w_t) at init (a_t = 0 would give the blocks no gradient)
-# NOT SPECIFIED: the classifier's init. Each block outputs softmax(logits) @ W_embed, so z_T sits near
-# the class embeddings (the simplex's corners for one-hot). A random classifier gives several classes
-# the same preferred corner; the saturated softmax chain then never separates them (MNIST: two digits
-# at ~0 % recall after 10 epochs). We start it as the readout that maps each embedding to its own
-# class, BACKPROP_CLS_SCALE * pinv(W_embed) (= 5 I for one-hot), zero bias. 0 = random (PyTorch default).
+# NOT SPECIFIED: the classifier's init. z_T sits near the class embeddings (each block outputs softmax @ W_embed);
+# a random classifier can give two classes the same corner, which the saturated chain never separates (MNIST: two
+# digits at ~0 % recall after 10 epochs). So it starts as BACKPROP_CLS_SCALE * pinv(W_embed), zero bias; 0 = random.
 BACKPROP_CLS_SCALE = 5.0
 
 
-def init_backprop(key, image_shape, m, embedding="onehot", T=10, x=None, y=None, cls_scale=BACKPROP_CLS_SCALE):
+def init_backprop(key, image_shape, m, embedding="onehot", x=None, y=None, T=10, cls_scale=BACKPROP_CLS_SCALE,
+                  block=CNN_BLOCK):
     """init_dt plus the mixing weights w_t of Eq. 18, and the classifier init above."""
-    params, state = init_dt(key, image_shape, m, embedding, T, x, y)
+    params, state = init_dt(key, image_shape, m, embedding, x, y, T, block)
     params["w"] = jnp.full((T,), math.atanh(BACKPROP_A_INIT), jnp.float32)  # not weak-typed: one compile
     if cls_scale:
         params["classifier"] = {"W": cls_scale * jnp.linalg.pinv(class_embeddings(params)), "b": jnp.zeros(m)}
     return params, state
 
 
-def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto"):
+def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto", block=CNN_BLOCK):
     """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
 
     drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
@@ -577,26 +635,26 @@ def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto"):
     W = class_embeddings(params)
 
     def step(z, inp):
-        block, bn, w, k = inp
-        logits, bn = dt_block(block, bn, x, z, k)
+        theta, bn, w, k = inp
+        logits, bn = block[1](theta, bn, x, z, k)
         return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
 
     return scan_blocks(step, z0, (params["blocks"], state, params["w"], drop_keys), block_axis)
 
 
-def loss_backprop(params, state, key, x, y, block_axis="auto"):
+def loss_backprop(params, state, key, x, y, block_axis="auto", block=CNN_BLOCK):
     """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
     k0, k_drop = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
-    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]), block_axis)
+    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]), block_axis, block)
     ce = cross_entropy(dense(params["classifier"], zT), y)
     return ce, (state, {"ce": ce})
 
 
-def predict_backprop(params, state, key, x, block_axis="auto"):
+def predict_backprop(params, state, key, x, block_axis="auto", block=CNN_BLOCK):
     """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
     z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
-    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0, None, block_axis)[0]), -1)
+    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0, None, block_axis, block)[0]), -1)
 
 
 # --- Adjoint baseline (Sec. 4, Table 1): a neural ODE trained by the adjoint method (Chen et al. 2018) ---
@@ -636,24 +694,21 @@ def odeint_adjoint(f, z0, args, steps):
     return solve(z0, args)
 
 
-def adjoint_field(z, t, args):
-    """The ODE's vector field: the CT model (image features, label and time paths) read through W_embed."""
-    return ct_logits(args["model"], args["feats"], z, jnp.full((1,), t)) @ args["W"]
+def adjoint_field(z, t, args, image_shape):
+    """The ODE's vector field: the continuous-time model (image features, label and time paths) through W_embed."""
+    return continuous_logits(args["model"], args["feats"], z, jnp.full((1,), t), image_shape) @ args["W"]
 
 
-def init_adjoint(key, image_shape, m, embedding="onehot", x=None, y=None):
-    """The CT model, classifier and W_embed; no noise schedule (the ODE has none)."""
-    params, state = init_ct(key, image_shape, m, embedding, x, y)
-    del params["schedule"]
-    return params, state
+init_adjoint = init_fm  # the same model, classifier and W_embed; no noise schedule (the ODE has none)
 
 
 def loss_adjoint(params, state, key, x, y, steps=1000):
     """CE of the linear classifier on z(1), z(0) ~ N(0, I) (our choice), T = steps in training too."""
     k0, k_drop = jax.random.split(key)
     W = class_embeddings(params)
-    args = {"model": params["model"], "feats": ct_features(params["model"], x, k_drop), "W": W}
-    z1 = odeint_adjoint(adjoint_field, jax.random.normal(k0, (x.shape[0], W.shape[1])), args, steps)
+    args = {"model": params["model"], "feats": continuous_features(params["model"], x, k_drop), "W": W}
+    field = lambda z, t, a: adjoint_field(z, t, a, x.shape[1:])  # noqa: E731
+    z1 = odeint_adjoint(field, jax.random.normal(k0, (x.shape[0], W.shape[1])), args, steps)
     ce = cross_entropy(dense(params["classifier"], z1), y)
     return ce, (state, {"ce": ce})
 
@@ -661,8 +716,8 @@ def loss_adjoint(params, state, key, x, y, steps=1000):
 def predict_adjoint(params, state, key, x, steps=1000):
     """argmax of the classifier on z(1), integrated by Euler from z(0) ~ N(0, I), features once."""
     W = class_embeddings(params)
-    args = {"model": params["model"], "feats": ct_features(params["model"], x), "W": W}
-    z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), lambda t, z: adjoint_field(z, t, args), steps)
+    args = {"model": params["model"], "feats": continuous_features(params["model"], x), "W": W}
+    z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), lambda t, z: adjoint_field(z, t, args, x.shape[1:]), steps)
     return jnp.argmax(dense(params["classifier"], z1), -1)
 
 
@@ -673,13 +728,29 @@ def predict_adjoint(params, state, key, x, steps=1000):
 CT_CLIP = 1.0
 
 
-def adam_l2(lr, weight_decay, params, clip=0.0):
+def adam_l2(lr, weight_decay, clip=0.0):
     """CT/FM optimiser "Adam, weight decay 1e-3": PyTorch-style L2 added before Adam's scaling.
 
     The schedule is not decayed (our choice: L2 would pull its endpoints toward 0). clip > 0 clips the
     whole gradient, L2 term included: clipped first (torch's clip_grad_norm_ before Adam.step()), the
     schedule's large gradient shrinks the image path's below its decay, which then wins.
     """
-    mask = {k: jax.tree.map(lambda _: k != "schedule", v) for k, v in params.items()}
+    def mask(params):
+        return {k: jax.tree.map(lambda _: k != "schedule", v) for k, v in params.items()}
+
     clipping = [optax.clip_by_global_norm(clip)] if clip else []
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), *clipping, optax.adam(lr))
+
+
+# --- The training step: Algorithm 1 for all blocks at once ---
+
+def train_step(params, state, opt_state, key, x, y, *, loss_fn, optimizer):
+    """One optimiser step on loss_fn(params, state, key, x, y) -> (loss, (state, aux)).
+
+    For DT, loss_fn is loss_dt, the sum of the T blocks' L_t. Block t's parameters appear only in L_t
+    (its input is a stop_gradient sample), so one value_and_grad gives every block exactly its own
+    gradient: the T updates of Algorithm 1 in one step, without back-propagation between blocks.
+    """
+    (loss, (state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, key, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), state, opt_state, loss, aux

@@ -3,52 +3,39 @@ and report train and test accuracy of Eq. 3's inference chain.
 
 Example: python train_dt.py --epochs 10 --out results/dt.json
 """
-import functools
-
 import jax
-import optax
 
 import noprop
-from harness import cli, loop
+from harness import cli, data, loop, processes, variants
 from viz import figures
 
 DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT and Backprop rows
-    dataset="mnist", data_dir="", offline=False, tfds=False, embedding="onehot",
+    embedding="onehot",
     method="noprop", cls_scale=noprop.BACKPROP_CLS_SCALE,
     epochs=0,  # 0: the paper's (MNIST 100; CIFAR-10/100 150)
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # AdamW
-    T=10, eta=0.1,
+    T=10, eta=0.1, block="cnn",  # the block of Fig. 6 (noprop.CNN_BLOCK)
+    classifier="softmax", embedding_init="prototype",  # Eq. 14, medoids: the paper's; v2 Figs. 6-7 ablate them
     block_axis="auto",  # how the T blocks compile (noprop.map_blocks): same numbers, the fastest form by default
     seed=0, eval_runs=5,  # Table 1: 5 inference runs per seed, mean +- standard error
     train_limit=0, test_limit=0, deterministic=False,
-    out="", checkpoint_dir="", resume=False, quiet=False, plot=False,
-    devices=0, coordinator="", num_processes=1, process_id=0,  # one machine, or several (README: many devices)
+    **cli.RUN_FLAGS,  # data, output, checkpoints, devices and processes
 )
 
 
 def main(argv=None):
-    args, data, (image_shape, m), k_init, k_run = cli.setup(DEFAULTS, __doc__, {"noprop": "dt", "backprop": "backprop"}, argv)
-    backprop = args.method == "backprop"
-    if backprop:
-        init = functools.partial(noprop.init_backprop, cls_scale=args.cls_scale)
+    args = cli.parse_args(DEFAULTS, __doc__, argv, {"noprop": "dt", "backprop": "backprop"})
+    processes.join_processes(args)  # only with --coordinator, or under srun / mpirun
+    x_tr, y_tr, x_te, y_te = data.prepare_data(args)
+    (image_shape, m), (k_init, k_run) = data.DATASETS[args.dataset], jax.random.split(jax.random.PRNGKey(args.seed))
+    if args.method == "noprop":  # the loss is noprop.loss_dt: the T blocks' L_t (Eq. 61), summed
+        v = variants.dt(args.T, args.eta, args.block, args.block_axis, args.lr, args.weight_decay, args.classifier,
+                        args.embedding_init)
     else:
-        init = noprop.init_dt
-    params, state = init(k_init, image_shape, m, args.embedding, args.T, *data[:2])
-    print(f"{'Backprop' if backprop else 'NoProp-DT'} {args.dataset} {args.embedding}: T={args.T} blocks of "
-          f"{noprop.count_params(params['blocks']) // args.T:,} parameters, {len(data[0])} train / "
-          f"{len(data[2])} test images, {jax.devices()[0].device_kind}")
-    sched = noprop.cosine_schedule(args.T)
-    blocks = dict(block_axis=args.block_axis)
-    if backprop:
-        loss = functools.partial(noprop.loss_backprop, **blocks)
-        predict, also = jax.jit(functools.partial(noprop.predict_backprop, **blocks)), {}
-    else:
-        loss = functools.partial(noprop.loss_dt, sched=sched, eta=args.eta, **blocks)
-        predict, other = (jax.jit(functools.partial(noprop.predict_dt, sched=sched, stochastic=s, **blocks))
-                          for s in (not args.deterministic, args.deterministic))
-        also = {"stochastic" if args.deterministic else "deterministic": other}
-    optimizer = optax.adamw(args.lr, weight_decay=args.weight_decay)
-    return figures.finish(args, params, *loop.fit(args, loss, predict, params, state, optimizer, data, k_run, also))
+        v = variants.backprop(args.T, args.cls_scale, args.block, args.block_axis, args.lr, args.weight_decay)
+    params, state = v.init(k_init, image_shape, m, args.embedding, x_tr, y_tr)
+    record, tree = loop.fit(args, v, params, state, (x_tr, y_tr, x_te, y_te), k_run)  # prints, trains, evaluates, records
+    return figures.plot_run(args, params, record, tree)  # --plot: the run's figures. Returns (record, tree)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Bytes that cross between devices (or processes) in one training step, read off the compiled
-step on a 2-device mesh with the scripts' own shardings (harness.loop.place).
+step on a 2-device mesh with the scripts' own shardings (harness.processes.place).
 
 python -m bench.collectives     # MNIST shapes, batch 128, T = 10; writes results/collectives.json
 
@@ -17,11 +17,10 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import functools  # noqa: E402
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
-from harness import loop  # noqa: E402
+from harness import loop, processes, variants  # noqa: E402
 
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "bf16": 2, "u8": 1, "s64": 8, "f64": 8}
 
@@ -40,13 +39,12 @@ def collective_bytes(hlo):
 def main():
     key, shape, m, B, T = jax.random.PRNGKey(0), (28, 28, 1), 10, 128, 10
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
-    runs = {"dt": (noprop.init_dt(key, shape, m, T=T), functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(T)),
-                   optax.adamw(1e-3, weight_decay=1e-3)),
-            "ct": (noprop.init_ct(key, shape, m), noprop.loss_ct, optax.adam(1e-3))}
     rows = {}
-    for variant, ((params, state), loss, opt) in runs.items():
-        tree, batch = loop.place({"params": params, "state": state, "opt_state": opt.init(params)}, variant, 2)
-        step = jax.jit(functools.partial(loop.train_step, loss_fn=loss, optimizer=opt))
+    for variant in ("dt", "ct"):  # the two layouts: DT's blocks split over devices, CT's batch (so FM's and backprop's)
+        v = variants.dt(T) if variant == "dt" else variants.ct()
+        (params, state), loss, opt = v.init(key, shape, m), v.loss, v.optimizer
+        tree, batch = processes.place({"params": params, "state": state, "opt_state": opt.init(params)}, variant, 2)
+        step = jax.jit(functools.partial(noprop.train_step, loss_fn=loss, optimizer=opt))
         args = (tree["params"], tree["state"], tree["opt_state"], key, *jax.device_put((x, y), batch))
         rows[variant] = collective_bytes(step.lower(*args).compile().as_text())
         print(f"{variant}: {sum(rows[variant].values()):,} bytes per step ({rows[variant]}); "

@@ -15,11 +15,10 @@ import argparse, functools, json, os, platform, sys, time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
-from harness import loop  # noqa: E402
+from harness import evaluate, loop, variants  # noqa: E402
 
 
 def seconds(f, *args, reps, warmup=True):
@@ -52,24 +51,15 @@ CIFAR_ROWS = ("noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "backp
 
 
 def train_steps(shape, m, T, key, ode_steps):
-    """name -> (init, loss, optimizer, PyTorch reference kind or None) of every training step measured.
-
-    Both forms of the block axis (noprop.map_blocks) for the DT step and the backprop chain.
-    """
-    adamw = optax.adamw(1e-3, weight_decay=1e-3)
-    ct, dt, bp = noprop.init_ct(key, shape, m), noprop.init_dt(key, shape, m, T=T), noprop.init_backprop(key, shape, m, T=T)
-    sched = noprop.cosine_schedule(T)
-    return {
-        "noprop_dt_all_blocks_vmap": (dt, functools.partial(noprop.loss_dt, sched=sched, block_axis="vmap"), adamw, "dt"),
-        "noprop_dt_all_blocks_unroll": (dt, functools.partial(noprop.loss_dt, sched=sched, block_axis="unroll"), adamw, "dt"),
-        "noprop_dt_one_block": (noprop.init_dt(key, shape, m, T=1),
-                                functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(1)), adamw, None),
-        "backprop_scan": (bp, functools.partial(noprop.loss_backprop, block_axis="vmap"), adamw, "backprop"),
-        "backprop_unroll": (bp, functools.partial(noprop.loss_backprop, block_axis="unroll"), adamw, "backprop"),
-        "noprop_ct": (ct, noprop.loss_ct, noprop.adam_l2(1e-3, 1e-3, ct[0]), "ct"),
-        "noprop_fm": (ct, noprop.loss_fm, noprop.adam_l2(1e-3, 1e-3, ct[0]), "fm"),
-        "adjoint": (noprop.init_adjoint(key, shape, m), functools.partial(noprop.loss_adjoint, steps=ode_steps), adamw, None),
-    }
+    """name -> (init, loss, optimizer, PyTorch reference kind or None) of every training step measured,
+    from the variants table (harness.variants); both forms of the block axis for DT and backprop."""
+    rows = {"noprop_dt_all_blocks_vmap": (variants.dt(T, block_axis="vmap"), "dt"),
+            "noprop_dt_all_blocks_unroll": (variants.dt(T, block_axis="unroll"), "dt"),
+            "noprop_dt_one_block": (variants.dt(1), None),
+            "backprop_scan": (variants.backprop(T, block_axis="vmap"), "backprop"),
+            "backprop_unroll": (variants.backprop(T, block_axis="unroll"), "backprop"),
+            "noprop_ct": (variants.ct(), "ct"), "noprop_fm": (variants.fm(), "fm"), "adjoint": (variants.adjoint(ode_steps), None)}
+    return {name: (v.init(key, shape, m), v.loss, v.optimizer, ref) for name, (v, ref) in rows.items()}
 
 
 def compiled_step(params, state, loss, opt, key, x, y):
@@ -131,13 +121,13 @@ def bench_scaling(shape, m, key, reps, Ts=(1, 2, 5, 10, 20), batches=(32, 128, 5
     """ms of the DT all-blocks step in both forms of the block axis, over T and the batch size."""
     rows = []
     for T in Ts:
-        params, state = noprop.init_dt(key, shape, m, T=T)
+        params, state = variants.dt(T).init(key, shape, m)
         for B in batches:
             x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
             row = {"T": T, "batch": B}
             for form in ("vmap", "unroll"):
-                loss = functools.partial(noprop.loss_dt, sched=noprop.cosine_schedule(T), block_axis=form)
-                compiled, args = compiled_step(params, state, loss, optax.adamw(1e-3, weight_decay=1e-3), key, x, y)
+                v = variants.dt(T, block_axis=form)
+                compiled, args = compiled_step(params, state, v.loss, v.optimizer, key, x, y)
                 row[f"{form}_ms"] = 1000 * seconds(compiled, *args, reps=reps)
             print(f"  T={T:2d} batch {B:3d}: vmap {row['vmap_ms']:7.0f} ms, unroll {row['unroll_ms']:7.0f} ms", flush=True)
             rows.append(row)
@@ -175,12 +165,12 @@ def profile_step(shape, m, B, T, key, reps=3, form="unroll"):
 def bench_dispatch(shape, m, B, n_steps, key):
     """One epoch of CT steps: a Python loop of one call per step (batch gathered by its own call, as
     the scripts did before) vs harness.loop.train_steps, the scripts' calls of many steps each."""
-    params, state = noprop.init_ct(key, shape, m)
-    opt = noprop.adam_l2(1e-3, 1e-3, params)
+    v = variants.ct()
+    (params, state), opt = v.init(key, shape, m), v.optimizer
     x = jax.random.uniform(key, (n_steps * B,) + shape)
     y = jax.random.randint(key, (n_steps * B,), 0, m)
     batches, keys = jnp.arange(n_steps * B).reshape(n_steps, B), jax.random.split(key, n_steps)
-    jstep, many = loop.jit_step(noprop.loss_ct, opt), loop.jit_step(noprop.loss_ct, opt, loop.train_steps)
+    jstep, many = loop.jit_step(v.loss, opt), loop.jit_step(v.loss, opt, loop.train_steps)
     tree, n = {"params": params, "state": state, "opt_state": opt.init(params)}, loop.steps_per_call(n_steps)
     gather = jax.jit(lambda x, y, idx: (x[idx], y[idx]))
     jax.block_until_ready(jstep(tree["params"], tree["state"], tree["opt_state"], keys[0], *gather(x, y, batches[0])))
@@ -211,7 +201,7 @@ def predict_recompute(params, key, x, steps, variant):
 
     def logits(t, z):  # the barrier ties x to the step, else XLA hoists the image path out of the loop
         x_t, z = jax.lax.optimization_barrier((x, z))
-        return noprop.ct_logits(model, noprop.ct_features(model, x_t), z, jnp.full((1,), t))
+        return noprop.continuous_logits(model, noprop.continuous_features(model, x_t), z, jnp.full((1,), t), x.shape[1:])
 
     if variant == "fm":
         return noprop.nearest_embedding(noprop.euler_chain(z0, lambda t, z: logits(t, z) @ W, steps), W)
@@ -225,14 +215,14 @@ def bench_inference(shape, m, n_images, steps, n_slice, key, recompute=True):
     """Seconds of CT and FM inference over n_images in the scripts' chunks, and of the recomputing
     form (timed on n_slice images, scaled)."""
     params, _ = noprop.init_ct(key, shape, m)
-    x, y = jax.random.uniform(key, (n_images,) + shape), jnp.zeros(n_images, jnp.int32)
+    x = jax.random.uniform(key, (n_images,) + shape)
     rows = {}
     for variant, predict in (("ct", noprop.predict_ct), ("fm", noprop.predict_fm)):
         fast = jax.jit(functools.partial(predict, steps=steps))
-        evaluate = lambda p: loop.evaluate(fast, p, {}, key, x, y, 1)  # the scripts' path, in chunks
-        chunk = min(n_images, loop.EVAL_CHUNK)
-        loop.evaluate(fast, params, {}, key, x[:chunk], y[:chunk], 1)  # compile evaluate's chunk shape and its helpers
-        row = rows[variant] = {"images": n_images, "steps": steps, "features_once_s": seconds(evaluate, params, reps=1, warmup=False)}
+        run = lambda p: evaluate.predictions(fast, p, {}, key, x, 1)  # the scripts' path, in chunks
+        chunk = min(n_images, evaluate.EVAL_CHUNK)
+        evaluate.predictions(fast, params, {}, key, x[:chunk], 1)  # compile the chunk shape and its helpers
+        row = rows[variant] = {"images": n_images, "steps": steps, "features_once_s": seconds(run, params, reps=1, warmup=False)}
         if recompute:
             slow = jax.jit(functools.partial(predict_recompute, steps=steps, variant=variant))
             slow = slow.lower(params, key, x[:n_slice]).compile()

@@ -1,6 +1,7 @@
 """Checkpoints: a pytree's leaves and a JSON record in one .npz (no pickle), written atomically."""
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +41,19 @@ def load_checkpoint(path, template, expect):
             raise ValueError(f"{path}: {name} is {got}, expected {np.asarray(ref).dtype}{np.shape(ref)}")
         out.append(jnp.asarray(a))
     return jax.tree_util.tree_unflatten(treedef, out), meta
+
+
+def resume(args, tree, record, ident):
+    """--resume: the training state after the last finished epoch in --checkpoint-dir, its history
+    and seconds put into `record`; without a checkpoint there yet, `tree` as it is."""
+    path = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.resume else None
+    if path and not os.path.exists(path):
+        print(f"no checkpoint at {path} yet: starting from scratch")
+    elif path:
+        try:
+            tree, meta = load_checkpoint(path, tree, ident)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        record.update(history=meta["history"], train_seconds=meta["train_seconds"])
+        print(f"resumed from {path} after epoch {len(record['history'])}")
+    return tree

@@ -193,3 +193,21 @@ def _read_tfds(name, data_dir, offline):
         cause = "TFDS needs TensorFlow to prepare a dataset (pip install tensorflow)" if "tensorflow" in msg.lower() \
             and "No module" in msg else msg[:300]
         raise ValueError(f"{name}: tensorflow-datasets could not read it from {data_dir}: {type(e).__name__}: {cause}")
+
+
+def prepare_data(args):
+    """A run's data: load --dataset, keep the first --train-limit / --test-limit examples, put it on the device."""
+    if not args.quiet:
+        print(f"loading {args.dataset} from {args.data_dir}...", flush=True)
+    try:
+        x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, args.offline, args.tfds)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.train_limit:
+        x_tr, y_tr = x_tr[:args.train_limit], y_tr[:args.train_limit]
+    if args.test_limit:
+        x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
+    if len(x_tr) < args.batch_size:
+        sys.exit(f"error: {len(x_tr)} training examples is fewer than one batch of {args.batch_size}")
+    import jax  # the rest of this module needs only numpy and the standard library
+    return tuple(jax.device_put(a) for a in (x_tr, y_tr, x_te, y_te))

@@ -24,6 +24,15 @@ QUESTIONS = [  # (question, flags of every run, [(run name, script, its own flag
      + [(f"backprop_{e}_cls{c}", "train_dt.py", ["--method", "backprop", "--embedding", e] + (["--cls-scale", "0"] if c == 0 else []))
         for e in ("dim20", "prototype") for c in (5, 0)]
      + [("dt_slice", "train_dt.py", [])]),
+    ("Which block? Fig. 6's CNN, or an MLP without convolutions (`--block mlp`, T = 2 blocks)", SLICE,
+     [("dt_slice", "train_dt.py", []), ("dt_mlp", "train_dt.py", ["--block", "mlp"])]),
+    ("Softmax or posterior classifier p(y|z_T)? (v2 Fig. 6; `--classifier`, Eq. 14 or Eqs. 15-16)", SLICE,
+     [("dt_slice", "train_dt.py", []), ("dt_posterior", "train_dt.py", ["--classifier", "posterior"])]
+     + [(f"dt_{e}{c}", "train_dt.py", ["--embedding", e] + (["--classifier", "posterior"] if c else []))
+        for e in ("dim20", "prototype") for c in ("", "_posterior")]),
+    ("Which init for image-sized embeddings? (v2 Fig. 7; `--embedding prototype --embedding-init`)", SLICE,
+     [("dt_prototype", "train_dt.py", ["--embedding", "prototype"])]
+     + [(f"dt_prototype_{i}", "train_dt.py", ["--embedding", "prototype", "--embedding-init", i]) for i in ("orthogonal", "random")]),
 ]
 
 

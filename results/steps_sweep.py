@@ -2,14 +2,13 @@
 
 python results/steps_sweep.py CHECKPOINT.npz --out results/ct_steps.json
 """
-import argparse, functools, json, os, sys, time
+import argparse, json, os, sys, time
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import noprop  # noqa: E402
-from harness import loop  # noqa: E402
+from harness import evaluate, variants  # noqa: E402
 from viz.figures import restore  # noqa: E402
 from harness.data import default_data_dir  # noqa: E402
 
@@ -26,16 +25,15 @@ if variant not in ("ct", "fm"):
     sys.exit(f"error: {args.checkpoint} is a {variant} checkpoint; this sweep is for ct and fm")
 meta, _, tree, _, (_, _, x_te, y_te) = restore(args.checkpoint, args.data_dir)
 k_run = jax.random.split(jax.random.PRNGKey(meta["seed"]))[1]
-predict_fn = noprop.predict_ct if meta["variant"] == "ct" else noprop.predict_fm
 k_eval = jax.random.split(k_run)[1]  # the key fit() evaluates with
 rows = []
 for steps in map(int, args.steps.split(",")):
-    predict = jax.jit(functools.partial(predict_fn, steps=steps))
-    loop.evaluate(predict, tree["eval"], {}, k_eval, x_te[:1000], y_te[:1000], 1)  # compile
+    predict = jax.jit(variants.VARIANTS[meta["variant"]](steps=steps).predict)
+    evaluate.predictions(predict, tree["eval"], {}, k_eval, x_te[:1000], 1)  # compile
     t0 = time.time()
-    accs = loop.evaluate(predict, tree["eval"], {}, k_eval, x_te, y_te, args.eval_runs)
+    accs = evaluate.accuracies(evaluate.predictions(predict, tree["eval"], {}, k_eval, x_te, args.eval_runs), y_te)
     seconds = (time.time() - t0) / args.eval_runs
-    mean, se = loop.mean_stderr(accs)
+    mean, se = evaluate.mean_stderr(accs)
     rows.append({"steps": steps, "test_accs": accs, "mean": mean, "stderr": se, "seconds_per_run": seconds})
     print(f"{steps:5d} steps: {100 * mean:.2f} +- {100 * se:.2f} %  ({seconds:.1f} s per run of {len(x_te)} images)", flush=True)
 if args.out:

@@ -9,11 +9,10 @@ import argparse, json, os, sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
-from harness import loop  # noqa: E402
+from harness import loop, variants  # noqa: E402
 from harness.checkpoint import load_checkpoint  # noqa: E402
 from harness.data import DATASETS, default_data_dir, load_dataset  # noqa: E402
 
@@ -22,18 +21,23 @@ NAMES = {"dt": "NoProp-DT", "ct": "NoProp-CT", "fm": "NoProp-FM", "backprop": "B
 
 
 def write(history, variant, image_shape, params_before, params_after, T, stem):
-    """Write {stem}_curves.png, {stem}_schedule.png (DT, CT) and {stem}_embeddings.png (prototype)."""
+    """Write {stem}_curves.png, {stem}_schedule.png (DT, CT) and {stem}_embeddings.png (prototype). Returns the paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    paths = []
-
-    def save(fig, name):
+    figs = {"curves": curves(plt, history, variant)}
+    if variant in ("dt", "ct"):
+        figs["schedule"] = schedule(plt, variant, T, params_before, params_after)
+    if "W_embed" in params_after and noprop.is_prototype(image_shape, params_after["W_embed"].shape[1]):
+        figs["embeddings"] = embeddings(plt, image_shape, params_before, params_after)
+    for name, fig in figs.items():
         fig.tight_layout()
         fig.savefig(f"{stem}_{name}.png", dpi=110)
         plt.close(fig)
-        paths.append(f"{stem}_{name}.png")
+    return [f"{stem}_{name}.png" for name in figs]
 
+
+def curves(plt, history, variant):
     epochs = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
     a1.plot(epochs, [h["loss"] for h in history], "o-")
@@ -41,42 +45,44 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     a2.plot(epochs, [100 * h["test_acc"] for h in history], "o-")
     a2.set(xlabel="epoch", ylabel="test accuracy (%)")
     fig.suptitle(f"{NAMES[variant]} learning curves")
-    save(fig, "curves")
-
-    if variant in ("dt", "ct"):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
-        if variant == "dt":
-            s, t = noprop.cosine_schedule(T), np.arange(T + 1) / T
-            curves = [("fixed cosine, t/T", np.asarray(s["alpha_bar"]), "o-")]
-        else:
-            t = jnp.linspace(0, 1, 201)
-            curves = [(name, np.asarray(noprop.alpha_bar_ct(p["schedule"], t)), style)
-                      for name, p, style in (("before training", params_before, "--"), ("after", params_after, "-"))]
-        for name, ab, style in curves:
-            a1.plot(t, ab, style, label=name)
-            a2.plot(t, ab / (1 - ab), style, label=name)
-        a1.set(xlabel="t (0: noise, 1: label)", ylabel="alpha_bar(t)")
-        a2.set(xlabel="t", ylabel="SNR(t)", yscale="log")
-        a1.legend()
-        fig.suptitle(f"NoProp-{variant.upper()} noise schedule")
-        save(fig, "schedule")
-
-    if "W_embed" in params_after and noprop.is_prototype(image_shape, params_after["W_embed"].shape[1]):
-        rows = [("init (class medoids)", params_before), ("learned", params_after)]
-        m = params_after["W_embed"].shape[0]
-        fig, axes = plt.subplots(2, m, figsize=(1.1 * m, 2.6), squeeze=False)
-        for r, (name, p) in enumerate(rows):
-            for c in range(m):
-                img = np.asarray(p["W_embed"][c]).reshape(image_shape)
-                axes[r, c].imshow(img.squeeze(-1) if image_shape[-1] == 1 else np.clip(img, 0, 1), cmap="gray")
-                axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-            axes[r, 0].set_ylabel(name, fontsize=7)
-        fig.suptitle("prototype class embeddings (paper Fig. 2 / v2 Fig. 3)")
-        save(fig, "embeddings")
-    return paths
+    return fig
 
 
-def finish(args, params_before, record, tree):
+def schedule(plt, variant, T, params_before, params_after):
+    """alpha_bar and SNR against t: DT's fixed cosine, or CT's learned schedule before and after training."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    if variant == "dt":
+        s, t = noprop.cosine_schedule(T), np.arange(T + 1) / T
+        lines = [("fixed cosine, t/T", np.asarray(s["alpha_bar"]), "o-")]
+    else:
+        t = jnp.linspace(0, 1, 201)
+        lines = [(name, np.asarray(noprop.alpha_bar_ct(p["schedule"], t)), style)
+                 for name, p, style in (("before training", params_before, "--"), ("after", params_after, "-"))]
+    for name, ab, style in lines:
+        a1.plot(t, ab, style, label=name)
+        a2.plot(t, ab / (1 - ab), style, label=name)
+    a1.set(xlabel="t (0: noise, 1: label)", ylabel="alpha_bar(t)")
+    a2.set(xlabel="t", ylabel="SNR(t)", yscale="log")
+    a1.legend()
+    fig.suptitle(f"NoProp-{variant.upper()} noise schedule")
+    return fig
+
+
+def embeddings(plt, image_shape, params_before, params_after):
+    """Prototype class embeddings as images: their init (class medoids) above, learned below."""
+    m = params_after["W_embed"].shape[0]
+    fig, axes = plt.subplots(2, m, figsize=(1.1 * m, 2.6), squeeze=False)
+    for r, (name, p) in enumerate([("init (class medoids)", params_before), ("learned", params_after)]):
+        for c in range(m):
+            img = np.asarray(p["W_embed"][c]).reshape(image_shape)
+            axes[r, c].imshow(img.squeeze(-1) if image_shape[-1] == 1 else np.clip(img, 0, 1), cmap="gray")
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle("prototype class embeddings (paper Fig. 2 / v2 Fig. 3)")
+    return fig
+
+
+def plot_run(args, params_before, record, tree):
     """The end of a script: with --plot, the run's figures next to its --out JSON. Returns (record, tree)."""
     if args.plot and jax.process_index() == 0:  # several processes: process 0 draws
         stem = os.path.splitext(args.out)[0] if args.out else f"{args.variant}_{args.dataset}_{args.embedding}"
@@ -92,13 +98,14 @@ def restore(checkpoint, data_dir):
 
     tree["eval"] holds the weights the run evaluated: the moving average where it kept one.
 
-    The initial parameters come from the seed (the scripts' init key) and the training data
-    (prototype medoids); load_checkpoint then checks every array against them.
+    The initial parameters come from the seed (the scripts' init key), the variants table and the
+    training data (prototype medoids); load_checkpoint then checks every array against them.
     """
     with np.load(checkpoint, allow_pickle=False) as f:
         meta = json.loads(str(f["__meta__"]))
         blocks = "['params']['blocks']['out']['b']"
         T = f[blocks].shape[0] if blocks in f.files else 1
+        block = "mlp" if "['params']['blocks']['fc1']['b']" in f.files else "cnn"
         ema = [k for k in f.files if k.endswith(".ema['classifier']['b']")]
     shape, m = DATASETS[meta["dataset"]]
     data = load_dataset(meta["dataset"], data_dir, offline=True)
@@ -106,18 +113,10 @@ def restore(checkpoint, data_dir):
     if meta.get("train_limit"):
         x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
     k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
-    if meta["variant"] in ("ct", "fm"):
-        params, state = noprop.init_ct(k_init, shape, m, meta["embedding"], x, y)
-        opt = noprop.adam_l2(1e-3, 1e-3, params, noprop.CT_CLIP if meta["variant"] == "ct" else 0.0)
-    elif meta["variant"] == "adjoint":
-        params, state = noprop.init_adjoint(k_init, shape, m, meta["embedding"], x, y)
-        opt = optax.adamw(1e-3)
-    else:
-        init = noprop.init_backprop if meta["variant"] == "backprop" else noprop.init_dt
-        params, state = init(k_init, shape, m, meta["embedding"], T, x, y)
-        opt = optax.adamw(1e-3)
-    if ema:  # the run evaluated a moving average of its weights (loop.track_ema)
-        opt = optax.chain(opt, loop.track_ema(0.999))
+    build = variants.VARIANTS[meta["variant"]]
+    v = build(T=T, block=block) if meta["variant"] in ("dt", "backprop") else build()  # the optimisers' structure
+    params, state = v.init(k_init, shape, m, meta["embedding"], x, y)
+    opt = loop.with_ema(v.optimizer, 0.999 if ema else 0)  # the run evaluated a moving average (loop.track_ema)
     template = {"params": params, "state": state, "opt_state": opt.init(params)}
     tree, _ = load_checkpoint(checkpoint, template, {k: meta[k] for k in ("variant", "dataset", "embedding")})
     tree["eval"] = loop.eval_weights(tree, ema)

@@ -1,0 +1,110 @@
+"""The scripts' flags, checkpoints, resume and NaN guard (harness.cli, harness.checkpoint,
+harness.loop), and --plot: as a user meets them, through the scripts' main()."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from harness import cli
+from harness.testing import write_npz
+
+pytest_plugins = ["harness.testing"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--method", "adjoint"], "invalid choice: 'adjoint'"),
+    (["--data-dir", "/nonexistent", "--dataset", "cifar100", "--offline"], "error: no cifar100.npz in /nonexistent"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--method", "sgd"], "invalid choice: 'sgd'"),
+    (["--train-limit", "3"], "fewer than one batch"),
+    (["--num-processes", "2"], "--num-processes 2 needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "localhost:1234", "--process-id", "2"], "--process-id must be below")])
+def test_bad_flags_exit_with_one_line_errors(argv, message, capsys, tmp_path):
+    import train_dt  # SystemExit, not an exception from inside JAX: Python prints no traceback for it
+    write_npz(tmp_path / "mnist.npz")
+    with pytest.raises(SystemExit) as e:
+        train_dt.main(["--data-dir", str(tmp_path)] + argv)
+    # argparse prints usage then one error line (exit 2); our checks exit with the message itself
+    last = (capsys.readouterr().err.strip() or str(e.value.code)).splitlines()[-1]
+    assert e.value.code not in (0, None) and message in last, last
+
+
+def test_help_gives_every_flag_a_meaning_and_its_default(capsys):
+    import train_ct, train_dt, train_fm
+    for script in (train_dt, train_ct, train_fm):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside words
+        for k, v in script.DEFAULTS.items():
+            assert f"--{k.replace('_', '-')}" in out and "".join(cli.HELP[k].split()) in out, k
+        assert "(default:128)" in out and "(default:0.001)" in out
+
+
+@pytest.mark.subprocess("cli", ["train_dt.py", "--dataset", "imagenet"])
+def test_cli_error_from_the_real_script_has_no_traceback(subprocess_result):
+    r = subprocess_result("cli")
+    assert r.returncode != 0 and "invalid choice: 'imagenet'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- Checkpoints, resume and the NaN guard (one code path: harness.loop.fit) ---
+
+def tiny_run(tmp_path, *extra):
+    rng = np.random.default_rng(0)
+    if not (tmp_path / "mnist.npz").exists():
+        write_npz(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (96, 28, 28, 1), dtype=np.uint8),
+                  y_train=rng.integers(0, 10, 96).astype(np.uint8), y_test=np.arange(2, dtype=np.uint8))
+    import train_dt
+    return train_dt.main(["--data-dir", str(tmp_path), "--T", "1", "--batch-size", "32",
+                          "--eval-runs", "1", "--quiet"] + list(extra))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    ck = str(tmp_path / "ck")
+    _, full = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck_full"))  # checkpoints on every epoch
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck)
+    record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume")
+    assert len(record["history"]) == 2 and len(record["history"][0]["terms"]["L_t"]) == 1  # per-term means
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_or_damaged_checkpoints_are_refused(tmp_path):
+    ck = tmp_path / "ck"
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(ck))
+    with pytest.raises(SystemExit, match="checkpoint has embedding='onehot', this run has 'dim20'"):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--embedding", "dim20")
+    data = (ck / "checkpoint.npz").read_bytes()
+    (ck / "checkpoint.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume")
+
+
+def test_nan_guard_names_epoch_step_and_term_and_keeps_last_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch \d+, step \d+ \(bad: .+\); last good"):
+        tiny_run(tmp_path, "--epochs", "20", "--lr", "1e9", "--checkpoint-dir", str(ck))
+
+
+def test_devices_flag_must_divide_the_split_axis(tmp_path):
+    with pytest.raises(SystemExit, match="--devices 3 must divide T = 1|only 1 device"):
+        tiny_run(tmp_path, "--epochs", "1", "--devices", "3")
+
+
+# --- Figures (--plot; matplotlib is optional) ---
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys):
+    import train_dt
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit):
+        cli.parse_args(train_dt.DEFAULTS, "", ["--plot"], {"noprop": "dt"})
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_plot_writes_curves_and_schedule(tmp_path):
+    pytest.importorskip("matplotlib")
+    tiny_run(tmp_path, "--epochs", "2", "--plot", "--out", str(tmp_path / "run.json"))
+    for name in ("curves", "schedule"):
+        assert (tmp_path / f"run_{name}.png").stat().st_size > 1000

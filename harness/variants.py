@@ -1,0 +1,66 @@
+"""Table 1's five variants as the scripts train them: name, init, loss, predict and optimiser.
+
+The one table that the scripts, checkpoint restore (viz.figures), the benchmarks and the tests read.
+Each builder takes its variant's hyperparameters (defaults: the paper's Table 4) and returns a
+Variant whose functions have them bound:
+  init(key, image_shape, m, embedding, x, y) -> (params, state)   x, y: the training set (prototype medoids)
+  loss(params, state, key, x, y) -> (loss, (state, aux))          minimised by noprop.train_step
+  predict(params, state, key, x) -> class labels                 images only; stochastic=False where Eq. 3 has noise
+"""
+from functools import partial
+from typing import Callable, NamedTuple
+
+import optax
+
+import noprop
+
+
+class Variant(NamedTuple):
+    name: str
+    init: Callable
+    loss: Callable
+    predict: Callable
+    optimizer: optax.GradientTransformation
+    stochastic: bool = False  # predict takes stochastic= (Eq. 3's noise eps; on by default)
+
+
+LR, WEIGHT_DECAY = 1e-3, 1e-3  # Table 4: every variant
+
+
+def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
+       embedding_init="prototype"):
+    """NoProp-DT (Eq. 8, Algorithm 1, Eq. 3 inference), AdamW; classifier and embedding_init: Figs. 6, 7 of v2."""
+    sched, b, c = noprop.cosine_schedule(T), noprop.BLOCKS[block], noprop.CLASSIFIERS[classifier]
+    blocks = dict(block_axis=block_axis, block=b, classifier=c)
+    return Variant("NoProp-DT", partial(noprop.init_dt, T=T, block=b, embedding_init=embedding_init),
+                   partial(noprop.loss_dt, sched=sched, eta=eta, **blocks), partial(noprop.predict_dt, sched=sched, **blocks),
+                   optax.adamw(lr, weight_decay=weight_decay), stochastic=True)
+
+
+def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY):
+    """The same blocks chained (Eqs. 17-19) and trained end to end by backprop, AdamW."""
+    blocks = dict(block_axis=block_axis, block=noprop.BLOCKS[block])
+    return Variant("Backprop", partial(noprop.init_backprop, T=T, cls_scale=cls_scale, block=blocks["block"]),
+                   partial(noprop.loss_backprop, **blocks), partial(noprop.predict_backprop, **blocks),
+                   optax.adamw(lr, weight_decay=weight_decay))
+
+
+def ct(eta=1.0, steps=1000, clip=noprop.CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY):
+    """NoProp-CT (Eq. 9, Algorithm 2, Eq. 3 on a grid of `steps`), Adam with L2 decay."""
+    return Variant("NoProp-CT", noprop.init_ct, partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
+                   noprop.adam_l2(lr, weight_decay, clip), stochastic=True)
+
+
+def adjoint(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY):
+    """The CT model as a neural ODE trained by the adjoint method (`steps` Euler steps), AdamW."""
+    return Variant("Adjoint", noprop.init_adjoint, partial(noprop.loss_adjoint, steps=steps),
+                   partial(noprop.predict_adjoint, steps=steps), optax.adamw(lr, weight_decay=weight_decay))
+
+
+def fm(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY):
+    """NoProp-FM (Eq. 13, Algorithm 3, `steps` Euler steps), Adam with L2 decay."""
+    return Variant("NoProp-FM", noprop.init_fm, noprop.loss_fm, partial(noprop.predict_fm, steps=steps),
+                   noprop.adam_l2(lr, weight_decay))
+
+
+VARIANTS = {"dt": dt, "backprop": backprop, "ct": ct, "adjoint": adjoint, "fm": fm}

@@ -1,0 +1,78 @@
+"""results/: the Table 1 plan (reproduce) and the chain-gap study, on tiny budgets."""
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import noprop
+from harness.testing import FAST_COMPILE, write_npz
+
+pytest_plugins = ["harness.testing"]
+KEY = jax.random.PRNGKey(0)
+
+
+def test_chain_gap_measures_the_chain_predict_dt_runs_and_each_block_on_its_own_input():
+    from results import chain_gap
+    params, state = noprop.init_dt(KEY, (16, 16, 1), 4, T=3)
+    x, y, sched = jax.random.uniform(KEY, (8, 16, 16, 1)), jnp.arange(8) % 4, noprop.cosine_schedule(3)
+    block = lambda t: jax.tree.map(lambda a: a[t], (params["blocks"], state))
+    params["blocks"]["out"]["b"] = params["blocks"]["out"]["b"].at[2].set(50.0 * jnp.eye(4)[3])  # block 3 says 3
+    for stochastic in (False, True):
+        logits, preds = chain_gap.chain_logits(params, state, KEY, x, sched, stochastic)
+        np.testing.assert_array_equal(preds, noprop.predict_dt(params, state, KEY, x, sched, stochastic, "vmap"))
+        assert logits.shape == (3, 8, 4) and bool(jnp.all(logits[2].argmax(-1) == 3))
+        assert not bool(jnp.any(logits[1].argmax(-1) == 3))  # per block, not the chain's end
+        z0 = jax.random.normal(jax.random.split(KEY)[0], (8, 4))  # predict_dt's z_0: block 1's input
+        np.testing.assert_allclose(logits[0], noprop.dt_block(*block(0), x, z0)[0], rtol=1e-4, atol=1e-5)
+    q = chain_gap.q_logits(params, state, KEY, x, y, sched)
+    z1 = noprop.sample_q(jax.random.split(KEY, 3)[1], jnp.eye(4)[y], sched["alpha_bar"][1])  # block 2 sees z_1
+    np.testing.assert_allclose(q[1], noprop.dt_block(*block(1), x, z1)[0], rtol=1e-4, atol=1e-5)
+
+
+
+# --- results.reproduce: the paper's Table 1 as a plan ---
+
+def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
+    from results import reproduce
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # for the script it starts: meaning, not speed
+    reproduce.main(["--dry-run"])
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == 13 * 3 * 3  # 13 rows of Table 1 x 3 datasets x 3 seeds
+    assert any("--method adjoint --dataset cifar100 --embedding onehot --epochs 4 " in c for c in plan)
+    rng = np.random.default_rng(0)
+    write_npz(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+              y_train=rng.integers(0, 10, 40).astype(np.uint8))
+    argv = ["--rows", "dt_mnist_onehot", "--seeds", "0", "--epochs", "1", "--data-dir", str(tmp_path),
+            "--results-dir", str(tmp_path / "out"), "--checkpoint-root", str(tmp_path / "ck"),
+            "--extra", "--T 1 --batch-size 32 --eval-runs 2"]
+    os.makedirs(tmp_path / "out")
+    reproduce.main(argv)
+    assert "running dt_mnist_onehot seed 0" in capsys.readouterr().out
+    rec = json.load(open(tmp_path / "out" / "dt_mnist_onehot_s0.json"))
+    assert rec["epochs"] == 1 and len(rec["test_accs"]) == 2 and len(rec["train_accs"]) == 2
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
+    assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
+    assert "python -m results.reproduce --rows dt_mnist_onehot --epochs 1 --seeds 0\n" in reproduce.runs(str(tmp_path / "out"))
+    fm = dict(rec, variant="fm", args={**rec["args"], "steps": 20})  # fewer inference steps than the paper's: labelled
+    json.dump(fm, open(tmp_path / "out" / "fm_mnist_prototype_s0.json", "w"))
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-FM | prototype")]
+    assert len(row) == 1 and "| 1 (100), 20 inference steps | 1 |" in row[0], row
+    assert '--rows fm_mnist_prototype --epochs 1 --seeds 0 --extra "--steps 20"\n' in reproduce.runs(str(tmp_path / "out"))
+    json.dump(rec, open(tmp_path / "out" / "dt_cifar10_onehot_s0.json", "w"))  # the dataset column names it as the paper does
+    assert "| NoProp-DT | onehot | CIFAR-10 | 1 (150) | 1 |" in reproduce.table(str(tmp_path / "out"))
+    old = {k: v for k, v in rec.items() if k != "train_accs"}  # a run from before train accuracy: counted apart
+    json.dump(old, open(tmp_path / "out" / "dt_cifar10_onehot_s1.json", "w"))
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if "| CIFAR-10 | 1 (150) | 2 |" in r]
+    assert len(row) == 1 and f"| {100 * np.mean(rec['train_accs']):.2f}" in row[0] and "(1 of 2 seeds) |" in row[0], row
+    reproduce.main(argv)  # finished: nothing runs again
+    assert "running" not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "ck")  # checkpoint lost: the longer run starts afresh, and so does its log
+    reproduce.main([a if a != "1" else "2" for a in argv])
+    log = open(tmp_path / "out" / "dt_mnist_onehot_s0.log").read()
+    assert log.count("NoProp-DT mnist") == 1 and "resumed" not in log and log.count("\nepoch") == 2, log
+    png = reproduce.figure(str(tmp_path / "out"), str(tmp_path / "curves.png"))  # None without matplotlib (optional)
+    assert png is None if importlib.util.find_spec("matplotlib") is None else os.path.getsize(png) > 10_000
