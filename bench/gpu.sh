@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import jax; assert jax.default_backend() == 'gpu', f'no GPU visible to jax: {jax.devices()}'"
-NOPROP_TEST_DATA=/nonexistent python -m pytest -q test_noprop.py 2>&1 | tail -3 | tee results/bench_gpu_tests.log
+NOPROP_TEST_DATA=/nonexistent python -m pytest -q -p harness.testing test_noprop.py 2>&1 | tail -3 | tee results/bench_gpu_tests.log
 python -m bench.speed --no-torch --out results/bench_gpu.json 2>&1 | tee results/bench_gpu.log
 if [ -n "${1:-}" ]; then
   python train_dt.py --data-dir "$1" --offline --epochs "${EPOCHS:-100}" --quiet --out results/dt_mnist_onehot_s0_gpu.json \
