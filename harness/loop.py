@@ -129,7 +129,7 @@ def check_finite(epoch, losses, aux, tree, ckpt):
 
 def describe(variant, args, params, data):
     """The run's first line: the variant, its network's size, the data, the device."""
-    if "blocks" in params:  # DT and backprop: T stacked blocks
+    if args.variant in ("dt", "backprop"):  # T stacked blocks
         net = f"T={args.T} {args.block} blocks of {noprop.count_params(params['blocks']) // args.T:,} parameters"
     else:
         net = f"model of {noprop.count_params(params['model']):,} parameters, {args.steps} steps"

@@ -1,6 +1,6 @@
-"""The README's "Experiments to try": short MNIST runs, one question each.
+"""The short MNIST runs behind the README's "Experiments to try", one question each.
 
-python -m results.experiments [--data-dir DIR]   # runs what is missing, then rewrites the README section
+python -m results.experiments [--data-dir DIR]   # runs what is missing, then rewrites its section of results/README.md
 
 Each run writes results/experiments/{name}.json and .log. The runs are deliberately short
 (a slice of MNIST, 2 epochs), so compare numbers within a question only.
@@ -70,7 +70,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default="", help="passed to the scripts (default: theirs)")
     a = p.parse_args(argv)
     text = section(a.data_dir)
-    replace_section(os.path.join(ROOT, "README.md"), "experiments", text)
+    replace_section(os.path.join(HERE, "README.md"), "experiments", text)
     print(text)
 
 
