@@ -51,11 +51,12 @@ def _subprocesses(request, tmp_path_factory):
     for item in request.session.items:
         for mark in item.iter_markers("subprocess"):
             todo.setdefault(mark.args[0], ([a.replace(TMP, tmp) for a in mark.args[1]], mark.kwargs.get("env", {})))
-    done = {name: threading.Event() for name in todo}
-    procs = {}
+    done, stop, procs = {name: threading.Event() for name in todo}, threading.Event(), {}
 
     def run_all():
         for name, (argv, env) in todo.items():
+            if stop.is_set():  # the session ended early: start nothing more
+                return
             logs = [open(os.path.join(tmp, f"{name}.{s}"), "w+") for s in ("out", "err")]
             procs[name] = (subprocess.Popen([sys.executable] + argv, stdout=logs[0], stderr=logs[1], cwd=ROOT, text=True,
                                             env={**os.environ, "JAX_PLATFORMS": "cpu", **env}), logs)
@@ -64,7 +65,8 @@ def _subprocesses(request, tmp_path_factory):
 
     threading.Thread(target=run_all, daemon=True).start()
     yield procs, done
-    for proc, logs in procs.values():
+    stop.set()
+    for proc, logs in list(procs.values()):
         proc.kill()
         for f in logs:
             f.close()
