@@ -404,9 +404,8 @@ def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
     return scan_blocks(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps), block_axis)
 
 
-def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK,
-               classifier=linear_logits):
-    """Class predictions from images alone: z_0 ~ N(0, I), Eq. 3 over the blocks, argmax p(y|z_T)."""
+def dt_chain(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK):
+    """Eq. 3 over the blocks from z_0 ~ N(0, I), from images alone: z_T and the path z_0 .. z_T (T + 1, B, d)."""
     W = class_embeddings(params)
     k0, k_eps = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
@@ -414,8 +413,14 @@ def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto",
     def u_hat(theta_and_bn, z):
         return jax.nn.softmax(block[1](*theta_and_bn, x, z)[0]) @ W
 
-    zT, _ = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic, block_axis)
-    return jnp.argmax(classifier(params, zT), -1)
+    zT, path = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic, block_axis)
+    return zT, jnp.concatenate([z0[None], path])  # (jit drops the path where a caller does not use it)
+
+
+def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK,
+               classifier=linear_logits):
+    """Class predictions from images alone: argmax p(y|z_T) at the end of dt_chain."""
+    return jnp.argmax(classifier(params, dt_chain(params, state, key, x, sched, stochastic, block_axis, block)[0]), -1)
 
 
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
@@ -540,8 +545,9 @@ def ct_grid_schedule(gamma_params, steps):
     return schedule_from_alpha_bar(alpha_bar_ct(gamma_params, jnp.linspace(0.0, 1.0, steps + 1)))
 
 
-def predict_ct(params, state, key, x, steps=1000, stochastic=True):
-    """Eq. 3 on a grid of `steps` (our discretisation: the paper names none), from images alone.
+def ct_chain(params, key, x, steps=1000, stochastic=True):
+    """Eq. 3 on a grid of `steps` (our discretisation: the paper names none), from images alone:
+    z_T and the path z_0 .. z_T (steps + 1, B, d).
 
     Image features once; each step evaluates only the label, time and head layers at t_{k-1}.
     """
@@ -554,8 +560,13 @@ def predict_ct(params, state, key, x, steps=1000, stochastic=True):
         return jax.nn.softmax(continuous_logits(model, feats, z, jnp.full((1,), t_prev), x.shape[1:])) @ W
 
     t_prev = jnp.arange(steps) / steps
-    zT, _ = eq3_chain(k_eps, z0, ct_grid_schedule(params["schedule"], steps), u_hat, t_prev, stochastic)
-    return jnp.argmax(dense(params["classifier"], zT), -1)
+    zT, path = eq3_chain(k_eps, z0, ct_grid_schedule(params["schedule"], steps), u_hat, t_prev, stochastic)
+    return zT, jnp.concatenate([z0[None], path])
+
+
+def predict_ct(params, state, key, x, steps=1000, stochastic=True):
+    """Class predictions from images alone: argmax p(y|z_T) at the end of ct_chain."""
+    return jnp.argmax(dense(params["classifier"], ct_chain(params, key, x, steps, stochastic)[0]), -1)
 
 
 # --- NoProp-FM: flow matching (Eqs. 10-13, Algorithm 3), Euler inference, nearest embedding ---

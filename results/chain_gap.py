@@ -8,7 +8,7 @@ label), the deterministic chain (Eq. 3 without eps) and the stochastic chain (Eq
 the final accuracy of both chains, split by how confident block 1 is (from pure noise, block 1
 is a classifier of the image alone).
 """
-import argparse, functools, os, sys
+import argparse, os, sys
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
 from harness.data import default_data_dir  # noqa: E402
-
-
-def block_logits(params, state, x, zs):
-    """Logits (T, B, m) of block t on input zs[t-1], for every t."""
-    return jax.lax.map(lambda a: noprop.dt_block(a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
-
-
-@functools.partial(jax.jit, static_argnames="stochastic")
-def chain_logits(params, state, key, x, sched, stochastic):
-    """predict_dt's chain (same key, same predictions) and every block's logits on its input along it."""
-    W = noprop.class_embeddings(params)
-    k0, k_eps = jax.random.split(key)
-    z0 = jax.random.normal(k0, (x.shape[0], W.shape[1]))
-    u_hat = lambda blk, z: jax.nn.softmax(noprop.dt_block(*blk, x, z)[0]) @ W
-    zT, path = noprop.eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic)
-    inputs = jnp.concatenate([z0[None], path[:-1]])
-    return block_logits(params, state, x, inputs), jnp.argmax(noprop.dense(params["classifier"], zT), -1)
+from viz.trajectories import block_logits, chain  # noqa: E402
 
 
 @jax.jit
@@ -64,10 +48,10 @@ def main(argv=None):
     print(f"{'z_(t-1) ~ q(z_(t-1)|y), as trained':36s}" + "".join(f"{v:6.1f}" for v in acc(q_logits(params, state, key, x, y, sched))))
     finals, conf = {}, None
     for name, stochastic, runs in (("deterministic chain", False, 1), (f"stochastic chain ({a.runs} runs)", True, a.runs)):
-        out = [chain_logits(params, state, jax.random.fold_in(key, r), x, sched, stochastic) for r in range(runs)]
-        finals[stochastic] = np.stack([np.asarray(pred) == y for _, pred in out])
-        conf = np.asarray(jax.nn.softmax(out[0][0][0]).max(-1)) if conf is None else conf
-        print(f"{name:36s}" + "".join(f"{v:6.1f}" for v in np.mean([acc(lg) for lg, _ in out], 0))
+        out = [chain("dt", params, state, jax.random.fold_in(key, r), x, T, stochastic) for r in range(runs)]
+        finals[stochastic] = np.stack([np.argmax(noprop.dense(params["classifier"], zT), -1) == y for zT, _, _ in out])
+        conf = np.asarray(jax.nn.softmax(out[0][2][0]).max(-1)) if conf is None else conf
+        print(f"{name:36s}" + "".join(f"{v:6.1f}" for v in np.mean([acc(lg) for _, _, lg in out], 0))
               + f"{100 * finals[stochastic].mean():7.1f}")
     sure = conf > 0.9
     for label, rows in ((f"block 1 confident (> 0.9), {100 * sure.mean():.0f} % of images", sure),

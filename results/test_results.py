@@ -9,36 +9,54 @@ import jax.numpy as jnp
 import numpy as np
 
 import noprop
-from harness.testing import FAST_COMPILE, write_npz
+from harness.testing import CACHE, FAST_COMPILE, write_npz
 
 pytest_plugins = ["harness.testing"]
 KEY = jax.random.PRNGKey(0)
 
 
-def test_chain_gap_measures_the_chain_predict_dt_runs_and_each_block_on_its_own_input():
+def test_the_chain_of_the_figures_and_chain_gap_is_predicts_and_each_block_sees_its_own_input():
+    """viz.trajectories.chain (trajectory figures, results/chain_gap.py): predict_dt's and predict_ct's own chain,
+    and block t's logits on the z_{t-1} the chain gave it."""
     from results import chain_gap
+    from viz import trajectories
     params, state = noprop.init_dt(KEY, (16, 16, 1), 4, T=3)
     x, y, sched = jax.random.uniform(KEY, (8, 16, 16, 1)), jnp.arange(8) % 4, noprop.cosine_schedule(3)
     block = lambda t: jax.tree.map(lambda a: a[t], (params["blocks"], state))
     params["blocks"]["out"]["b"] = params["blocks"]["out"]["b"].at[2].set(50.0 * jnp.eye(4)[3])  # block 3 says 3
     for stochastic in (False, True):
-        logits, preds = chain_gap.chain_logits(params, state, KEY, x, sched, stochastic)
+        zT, path, logits = trajectories.chain("dt", params, state, KEY, x, 3, stochastic)
+        preds = jnp.argmax(noprop.dense(params["classifier"], zT), -1)
         np.testing.assert_array_equal(preds, noprop.predict_dt(params, state, KEY, x, sched, stochastic, "vmap"))
+        assert path.shape == (4, 8, 4) and bool(jnp.all(path[-1] == zT))
         assert logits.shape == (3, 8, 4) and bool(jnp.all(logits[2].argmax(-1) == 3))
         assert not bool(jnp.any(logits[1].argmax(-1) == 3))  # per block, not the chain's end
         z0 = jax.random.normal(jax.random.split(KEY)[0], (8, 4))  # predict_dt's z_0: block 1's input
+        np.testing.assert_allclose(path[0], z0)
         np.testing.assert_allclose(logits[0], noprop.dt_block(*block(0), x, z0)[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(logits[2], noprop.dt_block(*block(2), x, path[2])[0], rtol=1e-4, atol=1e-5)
     q = chain_gap.q_logits(params, state, KEY, x, y, sched)
     z1 = noprop.sample_q(jax.random.split(KEY, 3)[1], jnp.eye(4)[y], sched["alpha_bar"][1])  # block 2 sees z_1
     np.testing.assert_allclose(q[1], noprop.dt_block(*block(1), x, z1)[0], rtol=1e-4, atol=1e-5)
-
+    ct, _ = noprop.init_ct(KEY, (16, 16, 1), 4)
+    zT, path, logits = trajectories.chain("ct", ct, {}, KEY, x, 5, True)
+    np.testing.assert_array_equal(jnp.argmax(noprop.dense(ct["classifier"], zT), -1), noprop.predict_ct(ct, {}, KEY, x, 5))
+    feats = noprop.continuous_features(ct["model"], x)  # the model's guess at grid time t_3 = 3/5 on z_3
+    want = noprop.continuous_logits(ct["model"], feats, path[3], jnp.full((1,), 0.6), (16, 16, 1))
+    assert path.shape == (6, 8, 4) and logits.shape == (5, 8, 4)
+    np.testing.assert_allclose(logits[3], want, rtol=1e-4, atol=1e-5)
+    out = trajectories.trajectories("dt", params, state, KEY, x, np.asarray(y), 3, runs=2)
+    assert out[False]["block_acc"][2] == np.mean(np.asarray(y) == 3) and 0 <= out[True]["final"] <= 1
+    centre, axes = trajectories.plane(out[False]["path"][-1])
+    np.testing.assert_allclose(axes.T @ axes, np.eye(2), atol=1e-5)  # an orthonormal plane through the end points
 
 
 # --- results.reproduce: the paper's Table 1 as a plan ---
 
 def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
     from results import reproduce
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # for the script it starts: meaning, not speed
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # for the scripts it starts: meaning, not speed,
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", CACHE)  # and the later ones reuse the first one's compiles
     reproduce.main(["--dry-run"])
     plan = capsys.readouterr().out.splitlines()
     assert len(plan) == 13 * 3 * 3  # 13 rows of Table 1 x 3 datasets x 3 seeds
