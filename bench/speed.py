@@ -247,7 +247,7 @@ def torch_or_none():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter: fewer repetitions, 1,000 images, 100 inference steps")
-    p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2 (for the test)")
+    p.add_argument("--tiny", action="store_true", help="16x16 images, batch 8, T=2, and the profile too (for the test)")
     p.add_argument("--memory", action="store_true", help="only the compiled temporaries of each training step (no timing)")
     p.add_argument("--profile", action="store_true", help="only a per-op profile of the DT all-blocks step")
     p.add_argument("--scaling", action="store_true", help="only how the DT step grows with T and the batch, and "
@@ -267,12 +267,13 @@ def main(argv=None):
     if a.memory:
         out.update(adjoint_steps=ode_steps, train_step=bench_steps(shape, m, B, T, reps, None, key, ode_steps, memory_only=True))
         return loop.write_json(a.out, out)
-    if a.profile:
-        prof = profile_step(shape, m, B, T, key)
+    if a.profile or a.tiny:
+        out["profile"] = prof = profile_step(shape, m, B, T, key)
         print(f"DT all-blocks step ({prof['form']}): {prof['wall_ms']:.0f} ms wall, {prof['op_ms_total']:.0f} ms in XLA ops (both threads)")
         for r in prof["ops"][:20]:
             print(f"{r['ms']:8.1f} ms {100 * r['share']:5.1f}%  {r['pass']:8s} {r['primitive']:28s} {r['xla_op']}")
-        return loop.write_json(a.out, {**out, "profile": prof})
+        if a.profile:
+            return loop.write_json(a.out, out)
     if a.scaling:
         out["dt_step"] = bench_scaling(shape, m, key, 2 if not a.tiny else 1, *(((1, 2), (4, 8)) if a.tiny else ()))
         out["inference"] = {str(s): bench_inference(shape, m, n_images, s, n_slice, key, recompute=False)

@@ -9,11 +9,13 @@ from harness.testing import FAST_COMPILE, TMP
 
 pytest_plugins = ["harness.testing"]
 
+# every mode on tiny shapes in one process (--tiny adds the profile; FAST_COMPILE: these test meaning, not speed)
+BENCH = ["-m", "bench.speed", "--tiny", "--out", TMP + "/bench.json"]
 STEPS = {"noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "noprop_dt_one_block", "backprop_scan",
          "backprop_unroll", "noprop_ct", "noprop_fm", "adjoint"}
 
 
-@pytest.mark.subprocess("bench", ["-m", "bench.speed", "--tiny", "--out", TMP + "/bench.json"], env={"XLA_FLAGS": FAST_COMPILE})
+@pytest.mark.subprocess("bench", BENCH, env={"XLA_FLAGS": FAST_COMPILE})
 def test_bench_speed_runs_end_to_end_on_tiny_shapes(subprocess_result):
     """bench/speed.py cannot rot: every section runs (tiny shapes) and reports sane figures."""
     r = subprocess_result("bench")
@@ -34,10 +36,10 @@ def test_bench_speed_runs_end_to_end_on_tiny_shapes(subprocess_result):
     assert out["matmul_gflop_per_s"] > 0
 
 
-@pytest.mark.subprocess("profile", ["-m", "bench.speed", "--tiny", "--profile", "--out", TMP + "/profile.json"])
+@pytest.mark.subprocess("bench", BENCH, env={"XLA_FLAGS": FAST_COMPILE})
 def test_profile_names_the_dt_steps_ops_by_primitive_and_pass(subprocess_result):
     """--profile accounts for the step's op time: matmuls forward and backward, the dropout draws, shares sum to 1."""
-    r = subprocess_result("profile")
+    r = subprocess_result("bench")
     assert r.returncode == 0, r.stderr[-3000:]
     prof = json.load(open(r.args[r.args.index("--out") + 1]))["profile"]
     ops = prof["ops"]
@@ -46,7 +48,7 @@ def test_profile_names_the_dt_steps_ops_by_primitive_and_pass(subprocess_result)
     assert any("_bernoulli" in o["primitive"] for o in ops)  # dropout's random bits, found by name
 
 
-@pytest.mark.subprocess("bench", ["-m", "bench.speed", "--tiny", "--out", TMP + "/bench.json"], env={"XLA_FLAGS": FAST_COMPILE})
+@pytest.mark.subprocess("bench", BENCH, env={"XLA_FLAGS": FAST_COMPILE})
 def test_memory_of_every_training_step_and_one_block_holds_less_than_backprop(subprocess_result):
     """The compiled temporaries of each step (what --memory reports alone, the paper's Table 2 counterpart)."""
     r = subprocess_result("bench")

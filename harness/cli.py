@@ -4,6 +4,7 @@ import re
 
 import noprop
 from harness.data import DATASETS, default_data_dir
+from harness.evaluate import TRAIN_EVAL
 
 HELP = {
     "dataset": "dataset to train on",
@@ -34,6 +35,7 @@ HELP = {
     "eval_runs": "independent inference runs at the end (mean +- standard error)",
     "train_limit": "train on the first N training images only; 0 = all",
     "test_limit": "evaluate on the first N test images only; 0 = all",
+    "train_eval": "after each epoch, score train accuracy on the first N training images; 0 = none",
     "deterministic": "inference without the noise eps of Eq. 3",
     "out": "write the run's record (history, accuracies, settings) to this JSON file",
     "checkpoint_dir": "save a checkpoint here after every epoch",
@@ -50,9 +52,9 @@ CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototyp
            "embedding_init": list(noprop.EMBEDDING_INITS)}
 RUN_FLAGS = dict(  # the flags every script has besides the paper's hyperparameters
     dataset="mnist", data_dir="", offline=False, tfds=False, out="", checkpoint_dir="", resume=False, quiet=False,
-    plot=False, devices=0, coordinator="", num_processes=1, process_id=0)  # one machine, or several (README)
+    plot=False, train_eval=TRAIN_EVAL, devices=0, coordinator="", num_processes=1, process_id=0)  # one machine, or several (README)
 POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes")
-NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
+NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "train_eval", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
                 "process_id")
 # Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
 PAPER_EPOCHS = {"dt": (100, 150, 150), "backprop": (100, 150, 150), "ct": (100, 500, 1000), "adjoint": (2, 4, 4),

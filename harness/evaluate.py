@@ -53,12 +53,12 @@ def mean_stderr(values):
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def score(modes, params, state, key, data, runs):
+def score(modes, params, state, key, data, runs, train_n=TRAIN_EVAL):
     """After an epoch: test accuracies and predictions of the run's mode, train accuracies on the first
-    TRAIN_EVAL training images, and the mean test accuracy of every other mode."""
+    train_n training images (none if 0), and the mean test accuracy of every other mode."""
     x_tr, y_tr, x_te, y_te = data
     preds = predictions(modes[""], params, state, key, x_te, runs)
-    train = predictions(modes[""], params, state, jax.random.fold_in(key, 1), x_tr[:TRAIN_EVAL], runs)
+    train = predictions(modes[""], params, state, jax.random.fold_in(key, 1), x_tr[:train_n], runs) if train_n else []
     others = {f"test_acc_{name}": float(np.mean(accuracies(predictions(p, params, state, key, x_te, runs), y_te)))
               for name, p in modes.items() if name}
-    return {"test": accuracies(preds, y_te), "train": accuracies(train, y_tr[:TRAIN_EVAL]), "preds": preds, "others": others}
+    return {"test": accuracies(preds, y_te), "train": accuracies(train, y_tr[:train_n]), "preds": preds, "others": others}

@@ -154,20 +154,23 @@ def log_epoch(record, epochs, losses, aux, seconds, scores):
     """Append an epoch to the record and print its line; after the last, the accuracies over all runs."""
     record["train_seconds"] += seconds
     n = len(losses) * record["batch_size"]
+    train = {"train_acc": float(np.mean(scores["train"]))} if scores["train"] else {}  # none with --train-eval 0
     record["history"].append({"epoch": len(record["history"]) + 1, "loss": float(np.mean(losses)), "train_seconds": seconds,
-                              "images_per_s": n / seconds, "train_acc": float(np.mean(scores["train"])),
-                              "test_acc": float(np.mean(scores["test"])), **scores["others"],
-                              "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
+                              "images_per_s": n / seconds, **train, "test_acc": float(np.mean(scores["test"])),
+                              **scores["others"], "terms": {k: np.asarray(v.mean(0)).tolist() for k, v in aux.items()}})
     h = record["history"][-1]
     print(f"epoch {h['epoch']:3d}  loss {h['loss']:.4f}  train {seconds:6.1f}s  {n / seconds:6.0f} img/s  "
-          f"train acc {100 * h['train_acc']:.2f}%  test acc {100 * h['test_acc']:.2f}%"
+          + (f"train acc {100 * h['train_acc']:.2f}%  " if train else "") + f"test acc {100 * h['test_acc']:.2f}%"
           + "".join(f"  {k[9:]} {100 * v:.2f}%" for k, v in scores["others"].items()), flush=True)
     if h["epoch"] == epochs:
-        (mean, se), (tr_mean, tr_se) = evaluate.mean_stderr(scores["test"]), evaluate.mean_stderr(scores["train"])
-        record.update(epochs=epochs, test_accs=scores["test"], test_acc_mean=mean, test_acc_stderr=se,
-                      train_accs=scores["train"], train_acc_mean=tr_mean, train_acc_stderr=tr_se)
-        print(f"over {len(scores['test'])} inference runs: test accuracy {100 * mean:.2f} +- {100 * se:.2f}, "
-              f"train {100 * tr_mean:.2f} +- {100 * tr_se:.2f} (s.e.)")
+        mean, se = evaluate.mean_stderr(scores["test"])
+        record.update(epochs=epochs, test_accs=scores["test"], test_acc_mean=mean, test_acc_stderr=se)
+        line = f"over {len(scores['test'])} inference runs: test accuracy {100 * mean:.2f} +- {100 * se:.2f}"
+        if train:
+            tr_mean, tr_se = evaluate.mean_stderr(scores["train"])
+            record.update(train_accs=scores["train"], train_acc_mean=tr_mean, train_acc_stderr=tr_se)
+            line += f", train {100 * tr_mean:.2f} +- {100 * tr_se:.2f}"
+        print(line + " (s.e.)")
 
 
 def fit(args, variant, params, state, data, key):
@@ -200,7 +203,7 @@ def fit(args, variant, params, state, data, key):
         check_finite(epoch, losses, aux, tree, ckpt)
         last = epoch + 1 == args.epochs
         weights, bn = processes.gather((eval_weights(tree, ema), tree["state"]))  # each process evaluates all
-        scores = evaluate.score(modes, weights, bn, k_eval, data, args.eval_runs if last else 1)
+        scores = evaluate.score(modes, weights, bn, k_eval, data, args.eval_runs if last else 1, args.train_eval)
         log_epoch(record, args.epochs, losses, aux, seconds, scores)
         if last:
             record["test_class_recall"] = evaluate.class_recall(scores["preds"], np.asarray(data[3]))

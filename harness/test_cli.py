@@ -103,8 +103,11 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
-def test_plot_writes_curves_and_schedule(tmp_path):
+def test_plot_writes_curves_and_schedule_and_the_trajectories_of_a_checkpoint(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    tiny_run(tmp_path, "--epochs", "2", "--plot", "--out", str(tmp_path / "run.json"))
+    from viz import trajectories
+    tiny_run(tmp_path, "--epochs", "2", "--plot", "--out", str(tmp_path / "run.json"), "--checkpoint-dir", str(tmp_path / "ck"))
     for name in ("curves", "schedule"):
         assert (tmp_path / f"run_{name}.png").stat().st_size > 1000
+    trajectories.main([str(tmp_path / "ck" / "checkpoint.npz"), "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").stat().st_size > 10_000 and capsys.readouterr().out.endswith("t.png\n")

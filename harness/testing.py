@@ -23,8 +23,10 @@ needs_mnist = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "mnist.np
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # for subprocess checks of meaning, not speed
 TMP = "{tmp}"  # in a marker's argv: the session's folder for that command's files
 
-# tiny training runs compile the same programs again; share them through jax's disk cache
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "noprop-test-jax-cache"))
+# tiny training runs compile the same programs again; share them through jax's disk cache (the
+# subprocess checks too: processes of one command, and the next session, find them there)
+CACHE = os.path.join(tempfile.gettempdir(), "noprop-test-jax-cache")
+jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # the tests check meaning on tiny programs, where XLA's compile time dwarfs the run time
 jax.config.update("jax_disable_most_optimizations", True)
@@ -59,7 +61,7 @@ def _subprocesses(request, tmp_path_factory):
                 return
             logs = [open(os.path.join(tmp, f"{name}.{s}"), "w+") for s in ("out", "err")]
             procs[name] = (subprocess.Popen([sys.executable] + argv, stdout=logs[0], stderr=logs[1], cwd=ROOT, text=True,
-                                            env={**os.environ, "JAX_PLATFORMS": "cpu", **env}), logs)
+                                            env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE, **env}), logs)
             procs[name][0].wait()
             done[name].set()
 
