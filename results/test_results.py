@@ -47,8 +47,9 @@ def test_the_chain_of_the_figures_and_chain_gap_is_predicts_and_each_block_sees_
     np.testing.assert_allclose(logits[3], want, rtol=1e-4, atol=1e-5)
     out = trajectories.trajectories("dt", params, state, KEY, x, np.asarray(y), 3, runs=2)
     assert out[False]["block_acc"][2] == np.mean(np.asarray(y) == 3) and 0 <= out[True]["final"] <= 1
-    centre, axes = trajectories.plane(out[False]["path"][-1])
-    np.testing.assert_allclose(axes.T @ axes, np.eye(2), atol=1e-5)  # an orthonormal plane through the end points
+    W = np.asarray(noprop.class_embeddings(params))  # one-hot: class k lands on the k-th corner of a square
+    centre, P = trajectories.plane(W)
+    np.testing.assert_allclose((W - centre) @ P, [[1, 0], [0, 1], [-1, 0], [0, -1]], atol=1e-6)
 
 
 # --- results.reproduce: the paper's Table 1 as a plan ---

@@ -3,8 +3,8 @@ deterministic and stochastic side by side, with the accuracy of each block's own
 
   python -m viz.trajectories CHECKPOINT.npz --out results/figures/dt_mnist_onehot_trajectories.png
 
-For NoProp-DT (the T blocks) and NoProp-CT (its inference grid). The plane is the two principal
-directions of the deterministic chain's end points z_T: where the classes have separated.
+For NoProp-DT (the T blocks) and NoProp-CT (its inference grid). The plane is the linear map that puts
+the class embeddings u_y on the corners of a regular polygon: a chain that ends at its label ends there.
 matplotlib is optional: nothing else in noprop needs it (pip install matplotlib).
 """
 import argparse, functools, os, sys
@@ -50,16 +50,18 @@ def trajectories(variant, params, state, key, x, y, T, runs=3):
     return out
 
 
-def plane(z_end):
-    """Centre and the two principal directions (d, 2) of the end points z_T."""
-    centre = z_end.mean(0)
-    _, _, vt = np.linalg.svd(z_end - centre, full_matrices=False)
-    return centre, vt[:2].T
+def plane(W):
+    """(centre, P (d, 2)): the linear map z -> (z - centre) P that puts class embedding u_k on the k-th vertex of
+    a regular m-gon (least squares through the centred W_embed), so each class ends at a place of its own."""
+    W = np.asarray(W, np.float64)
+    angles = 2 * np.pi * np.arange(W.shape[0]) / W.shape[0]
+    centre = W.mean(0)
+    return centre, np.linalg.pinv(W - centre) @ np.stack([np.cos(angles), np.sin(angles)], 1)
 
 
 def figure(plt, out, y, W, title, shown=60):
     """Three panels: the deterministic and the stochastic chain's paths of `shown` images, and accuracy along t."""
-    centre, axes2 = plane(out[False]["path"][-1])
+    centre, axes2 = plane(W)
     fig, panels = plt.subplots(1, 3, figsize=(13, 4))
     colours = plt.get_cmap("tab10" if W.shape[0] <= 10 else "tab20")
     T = out[False]["path"].shape[0] - 1
@@ -68,14 +70,15 @@ def figure(plt, out, y, W, title, shown=60):
         path = (out[stochastic]["path"][::every, :shown] - centre) @ axes2  # (steps, images, 2)
         for i in range(path.shape[1]):
             c = colours(int(y[i]) % colours.N)
-            ax.plot(path[:, i, 0], path[:, i, 1], "-", color=c, alpha=0.5, lw=0.8)
+            ax.plot(path[:, i, 0], path[:, i, 1], "-", color=c, alpha=0.3 if stochastic else 0.5, lw=0.8)
             ax.plot(path[-1, i, 0], path[-1, i, 1], "o", color=c, ms=3)
         u = (np.asarray(W) - centre) @ axes2  # the class embeddings u_y, where the chains should end
         for k, (a, b) in enumerate(u[:10]):
             ax.text(a, b, str(k), fontsize=9, weight="bold", ha="center", va="center",
                     bbox={"boxstyle": "circle,pad=0.15", "fc": "white", "ec": colours(k % colours.N)})
         ax.set(title=f"{'stochastic' if stochastic else 'deterministic'} Eq. 3: "
-                     f"{100 * out[stochastic]['final']:.1f} % correct", xticks=[], yticks=[])
+                     f"{100 * out[stochastic]['final']:.1f} % correct", xticks=[], yticks=[],
+               xlim=(-1.8, 1.8), ylim=(-1.8, 1.8), aspect="equal")  # the polygon; z_0's noise starts further out
     ax = panels[2]
     for stochastic, style in ((False, "o-"), (True, "s--")):
         acc = out[stochastic]["block_acc"]
@@ -107,7 +110,8 @@ def main(argv=None):
     T = T if meta["variant"] == "dt" else meta["args"]["steps"]
     x, y = x_te[:a.limit], np.asarray(y_te[:a.limit])
     out = trajectories(meta["variant"], tree["eval"], tree["state"], jax.random.PRNGKey(0), x, y, T)
-    title = (f"{NAMES[meta['variant']]} {meta['dataset']} {meta['embedding']}, {len(meta['history'])} epochs: "
+    epochs = len(meta["history"])
+    title = (f"{NAMES[meta['variant']]} {meta['dataset']} {meta['embedding']}, {epochs} epoch{'s' * (epochs != 1)}: "
              f"first {len(y)} test images")
     fig = figure(plt, out, y, noprop.class_embeddings(tree["eval"]), title)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
