@@ -33,4 +33,5 @@ def test_walkthrough_runs_top_to_bottom_in_minutes_and_trains_both_variants(monk
     assert "off-diagonal gradient mass: 0.0\n" in text  # each block's gradient is its own
     accs = {m: float(a) for m, a in re.findall(r"(stochastic|deterministic) Eq. 3: test accuracy ([\d.]+) %", text)}
     assert set(accs) == {"stochastic", "deterministic"} and min(accs.values()) > 80, accs  # chance is 10 %
-    assert figures >= 6 and seconds < 600, (figures, seconds)
+    # ~310 s alone on 2 cores; 609 s while a training run shared them: the bound catches a slowed-down notebook, not load
+    assert figures >= 6 and seconds < 1200, (figures, seconds)
