@@ -216,7 +216,7 @@ def fit(args, variant, params, state, data, key):
 def write_epoch(ckpt, tree, record, out):
     """Process 0, after each epoch: the checkpoint (with the record's history) and the JSON, each atomically."""
     if ckpt:
-        save_checkpoint(ckpt, tree, {**{k: record[k] for k in IDENT}, "history": record["history"],
+        save_checkpoint(ckpt, tree, {**{k: record[k] for k in IDENT}, "args": record["args"], "history": record["history"],
                                      "train_seconds": record["train_seconds"]})
     if out:
         write_json(out, record)

@@ -51,21 +51,23 @@ def test_cli_error_from_the_real_script_has_no_traceback(subprocess_result):
 
 # --- Checkpoints, resume and the NaN guard (one code path: harness.loop.fit) ---
 
-def tiny_run(tmp_path, *extra):
+def tiny_run(tmp_path, *extra, block="mlp"):
+    """train_dt.main on 96 random images, T = 1. The MLP block traces and runs ~4x faster than Fig. 6's CNN; these
+    tests check the harness, so only the resume test (batch-norm state in the checkpoint) takes the CNN."""
     rng = np.random.default_rng(0)
     if not (tmp_path / "mnist.npz").exists():
         write_npz(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (96, 28, 28, 1), dtype=np.uint8),
                   y_train=rng.integers(0, 10, 96).astype(np.uint8), y_test=np.arange(2, dtype=np.uint8))
     import train_dt
-    return train_dt.main(["--data-dir", str(tmp_path), "--T", "1", "--batch-size", "32",
+    return train_dt.main(["--data-dir", str(tmp_path), "--T", "1", "--block", block, "--batch-size", "32",
                           "--eval-runs", "1", "--quiet"] + list(extra))
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ck = str(tmp_path / "ck")
-    _, full = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck_full"))  # checkpoints on every epoch
-    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck)
-    record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume")
+    _, full = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck_full"), block="cnn")  # every epoch
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck, block="cnn")
+    record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume", block="cnn")
     assert len(record["history"]) == 2 and len(record["history"][0]["terms"]["L_t"]) == 1  # per-term means
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
@@ -111,3 +113,8 @@ def test_plot_writes_curves_and_schedule_and_the_trajectories_of_a_checkpoint(tm
         assert (tmp_path / f"run_{name}.png").stat().st_size > 1000
     trajectories.main([str(tmp_path / "ck" / "checkpoint.npz"), "--data-dir", str(tmp_path), "--out", str(tmp_path / "t.png")])
     assert (tmp_path / "t.png").stat().st_size > 10_000 and capsys.readouterr().out.endswith("t.png\n")
+    import train_ct  # CT's figure: the chain on the run's own inference grid (--steps, from the checkpoint)
+    train_ct.main(["--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--steps", "3", "--eval-runs", "1",
+                   "--quiet", "--checkpoint-dir", str(tmp_path / "ct")])
+    trajectories.main([str(tmp_path / "ct" / "checkpoint.npz"), "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -8,7 +8,7 @@ label), the deterministic chain (Eq. 3 without eps) and the stochastic chain (Eq
 the final accuracy of both chains, split by how confident block 1 is (from pure noise, block 1
 is a classifier of the image alone).
 """
-import argparse, os, sys
+import argparse, functools, os, sys
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +20,13 @@ from harness.data import default_data_dir  # noqa: E402
 from viz.trajectories import block_logits, chain  # noqa: E402
 
 
-@jax.jit
-def q_logits(params, state, key, x, y, sched):
+@functools.partial(jax.jit, static_argnames="block")
+def q_logits(params, state, key, x, y, sched, block="cnn"):
     """Every block's logits on z_{t-1} ~ q(z_{t-1}|y), the input it was trained on (Eq. 8)."""
     u = noprop.class_embeddings(params)[y]
     keys = jax.random.split(key, sched["a"].shape[0])
     zs = jax.vmap(noprop.sample_q, (0, None, 0))(keys, u, sched["alpha_bar"][:-1, None, None])
-    return block_logits(params, state, x, zs)
+    return block_logits(params, state, x, zs, block)
 
 
 def main(argv=None):
@@ -41,15 +41,16 @@ def main(argv=None):
     if meta["variant"] != "dt":
         sys.exit(f"error: {a.checkpoint} is a {meta['variant']} checkpoint; this is for NoProp-DT")
     params, state, x, y = tree["eval"], tree["state"], x_te[:a.limit], np.asarray(y_te[:a.limit])
-    sched, key = noprop.cosine_schedule(T), jax.random.PRNGKey(0)
+    sched, key, block, classify = noprop.cosine_schedule(T), jax.random.PRNGKey(0), meta["args"]["block"], \
+        noprop.CLASSIFIERS[meta["args"]["classifier"]]
     acc = lambda logits: 100 * np.mean(np.argmax(logits, -1) == y, -1)
     print(f"NoProp-DT {meta['dataset']} {meta['embedding']}, {len(meta['history'])} epochs, first {len(y)} test images")
     print(f"{'block t accuracy (%) on its input':36s}" + "".join(f"{t:6d}" for t in range(1, T + 1)) + "  final")
-    print(f"{'z_(t-1) ~ q(z_(t-1)|y), as trained':36s}" + "".join(f"{v:6.1f}" for v in acc(q_logits(params, state, key, x, y, sched))))
+    print(f"{'z_(t-1) ~ q(z_(t-1)|y), as trained':36s}" + "".join(f"{v:6.1f}" for v in acc(q_logits(params, state, key, x, y, sched, block))))
     finals, conf = {}, None
     for name, stochastic, runs in (("deterministic chain", False, 1), (f"stochastic chain ({a.runs} runs)", True, a.runs)):
-        out = [chain("dt", params, state, jax.random.fold_in(key, r), x, T, stochastic) for r in range(runs)]
-        finals[stochastic] = np.stack([np.argmax(noprop.dense(params["classifier"], zT), -1) == y for zT, _, _ in out])
+        out = [chain("dt", params, state, jax.random.fold_in(key, r), x, T, stochastic, block) for r in range(runs)]
+        finals[stochastic] = np.stack([np.argmax(classify(params, zT), -1) == y for zT, _, _ in out])
         conf = np.asarray(jax.nn.softmax(out[0][2][0]).max(-1)) if conf is None else conf
         print(f"{name:36s}" + "".join(f"{v:6.1f}" for v in np.mean([acc(lg) for _, _, lg in out], 0))
               + f"{100 * finals[stochastic].mean():7.1f}")

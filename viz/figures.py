@@ -103,10 +103,10 @@ def restore(checkpoint, data_dir):
     """
     with np.load(checkpoint, allow_pickle=False) as f:
         meta = json.loads(str(f["__meta__"]))
-        blocks = "['params']['blocks']['out']['b']"
-        T = f[blocks].shape[0] if blocks in f.files else 1
-        block = "mlp" if "['params']['blocks']['fc1']['b']" in f.files else "cnn"
         ema = [k for k in f.files if k.endswith(".ema['classifier']['b']")]
+    # the run's flags (checkpoints of older versions lack them: the defaults, and T = 10)
+    meta["args"] = {"T": 10, "block": "cnn", "classifier": "softmax", "steps": 1000, **meta.get("args", {})}
+    T, block = meta["args"]["T"], meta["args"]["block"]
     shape, m = DATASETS[meta["dataset"]]
     data = load_dataset(meta["dataset"], data_dir, offline=True)
     x, y = data[:2]

@@ -18,18 +18,18 @@ import noprop  # noqa: E402
 from harness.data import default_data_dir  # noqa: E402
 
 
-def block_logits(params, state, x, zs):
-    """Logits (T, B, m) of DT block t on input zs[t-1], for every t."""
-    return jax.lax.map(lambda a: noprop.dt_block(a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
+def block_logits(params, state, x, zs, block="cnn"):
+    """Logits (T, B, m) of DT block t (noprop.BLOCKS[block]) on input zs[t-1], for every t."""
+    return jax.lax.map(lambda a: noprop.BLOCKS[block][1](a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "T"))  # stochastic is traced: one compile for both
-def chain(variant, params, state, key, x, T, stochastic):
+@functools.partial(jax.jit, static_argnames=("variant", "T", "block"))  # stochastic is traced: one compile for both
+def chain(variant, params, state, key, x, T, stochastic, block="cnn"):
     """predict_dt's or predict_ct's chain (same key, same z): (z_T, the path z_0 .. z_T, logits (T, B, m)
     of each block's guess of y on its input z_{t-1}). T: DT's blocks, or CT's grid steps."""
     if variant == "dt":
-        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap")
-        guess = block_logits(params, state, x, path[:-1])
+        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap", noprop.BLOCKS[block])
+        guess = block_logits(params, state, x, path[:-1], block)
     else:  # CT: the model at grid time t_{k-1} on z_{k-1}, as ct_chain evaluates it
         zT, path = noprop.ct_chain(params, key, x, T, stochastic)
         feats, t = noprop.continuous_features(params["model"], x), jnp.arange(T) / T
@@ -38,13 +38,13 @@ def chain(variant, params, state, key, x, T, stochastic):
     return zT, path, guess
 
 
-def trajectories(variant, params, state, key, x, y, T, runs=3):
-    """Everything the figure shows, for both chains: paths, per-block accuracy, final accuracy (the classifier on z_T)."""
+def trajectories(variant, params, state, key, x, y, T, runs=3, block="cnn", classifier="softmax"):
+    """Everything the figure shows, for both chains: paths, per-block accuracy, final accuracy (p(y|z_T) on z_T)."""
     out = {}
     for stochastic in (False, True):
         keys = [jax.random.fold_in(key, r) for r in range(runs if stochastic else 1)]
-        results = [chain(variant, params, state, k, x, T, stochastic) for k in keys]
-        final = [np.mean(np.argmax(noprop.dense(params["classifier"], zT), -1) == y) for zT, _, _ in results]
+        results = [chain(variant, params, state, k, x, T, stochastic, block) for k in keys]
+        final = [np.mean(np.argmax(noprop.CLASSIFIERS[classifier](params, zT), -1) == y) for zT, _, _ in results]
         out[stochastic] = {"path": np.asarray(results[0][1]), "final": float(np.mean(final)),
                            "block_acc": np.mean([np.mean(np.argmax(g, -1) == y, -1) for _, _, g in results], 0)}
     return out
@@ -107,9 +107,11 @@ def main(argv=None):
     meta, _, tree, T, (_, _, x_te, y_te) = restore(a.checkpoint, a.data_dir)
     if meta["variant"] not in ("dt", "ct"):
         sys.exit(f"error: {a.checkpoint} is a {meta['variant']} checkpoint; the chain of Eq. 3 is NoProp-DT's or -CT's")
-    T = T if meta["variant"] == "dt" else meta["args"]["steps"]
+    run = meta["args"]
+    T = T if meta["variant"] == "dt" else run["steps"]
     x, y = x_te[:a.limit], np.asarray(y_te[:a.limit])
-    out = trajectories(meta["variant"], tree["eval"], tree["state"], jax.random.PRNGKey(0), x, y, T)
+    out = trajectories(meta["variant"], tree["eval"], tree["state"], jax.random.PRNGKey(0), x, y, T, block=run["block"],
+                       classifier=run["classifier"] if meta["variant"] == "dt" else "softmax")
     epochs = len(meta["history"])
     title = (f"{NAMES[meta['variant']]} {meta['dataset']} {meta['embedding']}, {epochs} epoch{'s' * (epochs != 1)}: "
              f"first {len(y)} test images")
