@@ -133,7 +133,7 @@ def test_refused_connection_fails_in_seconds_and_offline_never_connects(tmp_path
 def test_first_run_downloads_then_trains(tmp_path, mirror, capsys):
     mirror("mnist")  # 5 training images: one batch of 4
     import train_dt
-    record, _ = train_dt.main(["--data-dir", str(tmp_path / "cache"), "--T", "1", "--batch-size", "4",
+    record, _ = train_dt.main(["--data-dir", str(tmp_path / "cache"), "--T", "1", "--block", "mlp", "--batch-size", "4",
                                "--epochs", "1", "--eval-runs", "1", "--quiet"])
     err = capsys.readouterr().err
     assert "downloading http://127.0.0.1" in err and "mnist.npz" in err and len(record["history"]) == 1

@@ -14,8 +14,8 @@ pytest_plugins = ["harness.testing"]
 @pytest.mark.subprocess("processes", ["harness/processes_check.py", TMP], env={"XLA_FLAGS": FAST_COMPILE})
 def test_processes_train_as_one_program_equal_to_a_single_process(subprocess_result):
     """jax.distributed on 127.0.0.1: 2 processes of train_dt.py (the blocks split between them; started as
-    mpirun would, resumed half way) give one process's losses; each holds its own blocks. (CT's, FM's and
-    backprop's data-parallel layout is checked on two devices by the test below.)"""
+    mpirun would, resumed half way) give one process's losses; each holds its own blocks (MLP blocks, for
+    speed). (CT's, FM's and backprop's data-parallel layout is checked on two devices by the test below.)"""
     r = subprocess_result("processes")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.splitlines()[-1])
@@ -24,8 +24,8 @@ def test_processes_train_as_one_program_equal_to_a_single_process(subprocess_res
     one, two = (json.load(open(os.path.join(r.args[-1], f"dt_{n}.json"))) for n in (1, 2))
     assert out["mpirun_record"]["processes"] == 2 and len(out["mpirun_record"]["history"]) == 1
     assert two["processes"] == 2 and one["processes"] == 1 and len(two["history"]) == 2
-    # not tighter: Adam scales the float-order noise in the ~0 gradients of the biases before batch norm to lr-sized steps
-    np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=2e-4)
+    # equal up to the order of the float sums that gather the shared classifier's gradients (bit-equal here)
+    np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=1e-5)
     holds = [[l for l in e.splitlines() if l.startswith("process ")] for _, _, e in out["dt_2"]]
     assert holds == [["process 0 of 2, 1 device(s): blocks 1 of 2"], ["process 1 of 2, 1 device(s): blocks 2 of 2"]]
     assert out["dt_2"][1][1] == ""  # only process 0 prints

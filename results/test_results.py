@@ -67,7 +67,7 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
               y_train=rng.integers(0, 10, 40).astype(np.uint8))
     argv = ["--rows", "dt_mnist_onehot", "--seeds", "0", "--epochs", "1", "--data-dir", str(tmp_path),
             "--results-dir", str(tmp_path / "out"), "--checkpoint-root", str(tmp_path / "ck"),
-            "--extra", "--T 1 --batch-size 32 --eval-runs 2"]
+            "--extra", "--T 1 --block mlp --batch-size 32 --eval-runs 2"]
     os.makedirs(tmp_path / "out")
     reproduce.main(argv)
     assert "running dt_mnist_onehot seed 0" in capsys.readouterr().out
