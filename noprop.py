@@ -607,16 +607,16 @@ def nearest_embedding(z, W):
     return jnp.argmin((W ** 2).sum(-1) - 2 * z @ W.T, -1)
 
 
+def flow(model, feats, W, image_shape):
+    """v(t, z) = continuous_logits @ W_embed, one t for the batch: FM's velocity, the adjoint's vector field."""
+    return lambda t, z: continuous_logits(model, feats, z, jnp.full((1,), t), image_shape) @ W
+
+
 def predict_fm(params, state, key, x, steps=1000):
     """Probability-flow ODE from z_0 ~ N(0, I) by Euler, image features once; nearest embedding."""
     W, model = class_embeddings(params), params["model"]
-    feats = continuous_features(model, x)
-
-    def v(t, z):
-        return continuous_logits(model, feats, z, jnp.full((1,), t), x.shape[1:]) @ W
-
-    z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), v, steps)
-    return nearest_embedding(z1, W)
+    z0 = jax.random.normal(key, (x.shape[0], W.shape[1]))
+    return nearest_embedding(euler_chain(z0, flow(model, continuous_features(model, x), W, x.shape[1:]), steps), W)
 
 
 # --- Backprop baseline (Eqs. 17-19): the same T blocks chained end to end, trained by backprop ---
@@ -705,11 +705,6 @@ def odeint_adjoint(f, z0, args, steps):
     return solve(z0, args)
 
 
-def adjoint_field(z, t, args, image_shape):
-    """The ODE's vector field: the continuous-time model (image features, label and time paths) through W_embed."""
-    return continuous_logits(args["model"], args["feats"], z, jnp.full((1,), t), image_shape) @ args["W"]
-
-
 init_adjoint = init_fm  # the same model, classifier and W_embed; no noise schedule (the ODE has none)
 
 
@@ -718,7 +713,7 @@ def loss_adjoint(params, state, key, x, y, steps=1000):
     k0, k_drop = jax.random.split(key)
     W = class_embeddings(params)
     args = {"model": params["model"], "feats": continuous_features(params["model"], x, k_drop), "W": W}
-    field = lambda z, t, a: adjoint_field(z, t, a, x.shape[1:])  # noqa: E731
+    field = lambda z, t, a: flow(a["model"], a["feats"], a["W"], x.shape[1:])(t, z)  # noqa: E731
     z1 = odeint_adjoint(field, jax.random.normal(k0, (x.shape[0], W.shape[1])), args, steps)
     ce = cross_entropy(dense(params["classifier"], z1), y)
     return ce, (state, {"ce": ce})
@@ -726,9 +721,9 @@ def loss_adjoint(params, state, key, x, y, steps=1000):
 
 def predict_adjoint(params, state, key, x, steps=1000):
     """argmax of the classifier on z(1), integrated by Euler from z(0) ~ N(0, I), features once."""
-    W = class_embeddings(params)
-    args = {"model": params["model"], "feats": continuous_features(params["model"], x), "W": W}
-    z1 = euler_chain(jax.random.normal(key, (x.shape[0], W.shape[1])), lambda t, z: adjoint_field(z, t, args, x.shape[1:]), steps)
+    W, model = class_embeddings(params), params["model"]
+    z0 = jax.random.normal(key, (x.shape[0], W.shape[1]))
+    z1 = euler_chain(z0, flow(model, continuous_features(model, x), W, x.shape[1:]), steps)
     return jnp.argmax(dense(params["classifier"], z1), -1)
 
 

@@ -250,7 +250,7 @@ def test_unrolled_block_axis_computes_what_vmap_and_scan_compute(method):
 def adjoint_problem(steps, adjoint):
     """CE after the adjoint baseline's ODE on a tiny problem, by the adjoint method or by backprop through Euler."""
     params, _ = noprop.init_adjoint(KEY, TINY, 4, "dim20")
-    field = lambda z, t, a: noprop.adjoint_field(z, t, a, TINY)  # noqa: E731
+    field = lambda z, t, a: noprop.flow(a["model"], a["feats"], a["W"], TINY)(t, z)  # noqa: E731
     x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
 
     def loss(p):
