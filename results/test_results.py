@@ -95,3 +95,13 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert log.count("NoProp-DT mnist") == 1 and "resumed" not in log and log.count("\nepoch") == 2, log
     png = reproduce.figure(str(tmp_path / "out"), str(tmp_path / "curves.png"))  # None without matplotlib (optional)
     assert png is None if importlib.util.find_spec("matplotlib") is None else os.path.getsize(png) > 10_000
+
+
+def test_fm_blind_floor_is_the_bayes_velocity():
+    """results/fm_blind_floor.py: with one class the label-blind velocity is exact (loss 0); with ten, the Bayes
+    posterior's velocity beats tempered posteriors and v = 0 on the same draws."""
+    from results.fm_blind_floor import blind_floor
+    assert blind_floor(1, n=1000)[0] < 1e-9
+    floor, zero = blind_floor(10, n=50_000)
+    assert 1.5 < floor < 2.2 and zero > 10  # E |u_y - z_0|^2 = 1 + d
+    assert all(blind_floor(10, n=50_000, temperature=T)[0] > floor for T in (0.7, 1.4))
