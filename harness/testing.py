@@ -3,7 +3,8 @@ tiny data files, the JAX settings for tests, and checks that run in a subprocess
 
 A test marked `@pytest.mark.subprocess(name, argv, env={...})` reads that command's result with
 `subprocess_result(name)`. The commands run one at a time from the start of the session, in the
-order of the tests, so these fresh processes use the second core while the in-process tests use the first.
+order of the tests, so these fresh processes use the second core while the in-process tests use the first;
+the tests that read them run after all the others.
 (PYTEST_DONT_REWRITE: no asserts here, and the test files import it before pytest loads it.)
 """
 import os
@@ -30,6 +31,11 @@ jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # the tests check meaning on tiny programs, where XLA's compile time dwarfs the run time
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that read a subprocess's result run last, in their order: the in-process tests fill the wait."""
+    items.sort(key=lambda item: item.get_closest_marker("subprocess") is not None)  # a stable sort
 
 
 def pytest_configure(config):
