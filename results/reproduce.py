@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from harness.cli import PAPER_EPOCHS as EPOCHS  # noqa: E402  Table 4's epochs: MNIST, CIFAR-10, CIFAR-100
+from harness.cli import PAPER_EPOCHS as EPOCHS, RUN_FLAGS  # noqa: E402  Table 4's epochs: MNIST, CIFAR-10, CIFAR-100
+import train_ct, train_dt, train_fm  # noqa: E402  their DEFAULTS: the paper's settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -27,7 +28,9 @@ FLAGS = {"backprop": ["--method", "backprop"], "adjoint": ["--method", "adjoint"
 NAMES = {"backprop": "Backprop", "dt": "NoProp-DT", "adjoint": "Adjoint", "ct": "NoProp-CT", "fm": "NoProp-FM"}
 DATASETS = ("mnist", "cifar10", "cifar100")
 TITLES = dict(zip(DATASETS, ("MNIST", "CIFAR-10", "CIFAR-100")))
-PAPER_STEPS = 1000  # CT and FM inference steps (Table 3, "Timesteps 1000")
+DEFAULTS = {"train_dt.py": train_dt.DEFAULTS, "train_ct.py": train_ct.DEFAULTS, "train_fm.py": train_fm.DEFAULTS}
+# flags that are the table's columns, or say how a run is done, not what it computes
+NOT_SETTINGS = {"epochs", "seed", "eval_runs", "dataset", "embedding", "method", "block_axis", "train_eval", *RUN_FLAGS}
 # Table 1 as printed (results/paper_table1.txt): train and test accuracy (%) for MNIST, CIFAR-10, CIFAR-100
 PAPER = {tuple(line.split()[:2]): tuple(line.split()[2:]) for line in open(os.path.join(HERE, "paper_table1.txt"))
          if line.strip() and not line.startswith("#")}
@@ -43,9 +46,12 @@ def command(row, seed, epochs, data_dir, ckpt_root, out_dir="results", extra=())
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
-def inference_steps(rec):
-    """A CT/FM run's inference steps: the paper's 1000 unless its --steps said otherwise."""
-    return rec["args"].get("steps", PAPER_STEPS) if rec["variant"] in ("ct", "fm") else PAPER_STEPS
+def deviations(rec):
+    """The flags of a run that differ from its script's defaults, the paper's settings: e.g. "--steps 20", or ""."""
+    defaults = DEFAULTS[SCRIPT[rec["variant"]]]
+    skip = NOT_SETTINGS | ({"clip", "ema"} if rec["variant"] == "adjoint" else set())  # train_ct.py sets both to 0
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in rec["args"].items()
+                    if k in defaults and k not in skip and v != defaults[k])
 
 
 def finished(path, epochs):
@@ -87,8 +93,7 @@ def table(results_dir=HERE):
             return s + (f" ({len(have)} of {len(recs)} seeds)" if len(have) < len(recs) else "")
 
         epochs = sorted({r["epochs"] for r in recs})
-        steps = sorted({inference_steps(r) for r in recs} - {PAPER_STEPS})
-        note = f", {'/'.join(map(str, steps))} inference steps" if steps else ""
+        note = "".join(f", {d}" for d in sorted({deviations(r) for r in recs}) if d)  # not the paper's settings
         out.append(f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
                    f"{stat('train_accs')} | **{stat('test_accs')}** | "
                    f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
@@ -101,9 +106,9 @@ def runs(results_dir=HERE):
     seeds = {}
     for m, rec in finished_runs(results_dir, r"(\w+)_s(\d+)\.json"):
         if m[1] in ROWS:
-            seeds.setdefault((m[1], rec["epochs"], inference_steps(rec)), []).append(m[2])
+            seeds.setdefault((m[1], rec["epochs"], deviations(rec)), []).append(m[2])
     return "\n".join(["```bash"] + [f"python -m results.reproduce --rows {row} --epochs {e} --seeds {','.join(s)}"
-                                    + (f' --extra "--steps {n}"' if n != PAPER_STEPS else "") for (row, e, n), s in seeds.items()] + ["```"])
+                                    + (f' --extra "{d}"' if d else "") for (row, e, d), s in seeds.items()] + ["```"])
 
 
 def curves():

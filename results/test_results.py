@@ -74,16 +74,22 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     rec = json.load(open(tmp_path / "out" / "dt_mnist_onehot_s0.json"))
     assert rec["epochs"] == 1 and len(rec["test_accs"]) == 2 and len(rec["train_accs"]) == 2
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
-    assert len(row) == 1 and "| 1 (100) | 1 |" in row[0] and "99.47±0.05" in row[0], row
-    assert "python -m results.reproduce --rows dt_mnist_onehot --epochs 1 --seeds 0\n" in reproduce.runs(str(tmp_path / "out"))
-    fm = dict(rec, variant="fm", args={**rec["args"], "steps": 20})  # fewer inference steps than the paper's: labelled
+    # a row whose runs left the paper's settings says so, as the flags that would make it again
+    assert len(row) == 1 and "| 1 (100), --batch-size 32 --T 1 --block mlp | 1 |" in row[0] and "99.47±0.05" in row[0], row
+    assert ('--rows dt_mnist_onehot --epochs 1 --seeds 0 --extra "--batch-size 32 --T 1 --block mlp"\n'
+            in reproduce.runs(str(tmp_path / "out")))
+    paper = {k: v for k, v in reproduce.DEFAULTS["train_dt.py"].items() if k in rec["args"]}
+    json.dump(dict(rec, args={**rec["args"], **paper}), open(tmp_path / "out" / "dt_cifar10_onehot_s0.json", "w"))
+    assert "| NoProp-DT | onehot | CIFAR-10 | 1 (150) | 1 |" in reproduce.table(str(tmp_path / "out"))  # the paper's: no note
+    json.dump(dict(rec, args={**rec["args"], **paper, "deterministic": True}), open(tmp_path / "out" / "dt_mnist_dim20_s0.json", "w"))
+    assert "| NoProp-DT | dim20 | MNIST | 1 (100), --deterministic | 1 |" in reproduce.table(str(tmp_path / "out"))
+    fm = dict(rec, variant="fm", args={**reproduce.DEFAULTS["train_fm.py"], "steps": 20, "lr": 0.002})
     json.dump(fm, open(tmp_path / "out" / "fm_mnist_prototype_s0.json", "w"))
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-FM | prototype")]
-    assert len(row) == 1 and "| 1 (100), 20 inference steps | 1 |" in row[0], row
-    assert '--rows fm_mnist_prototype --epochs 1 --seeds 0 --extra "--steps 20"\n' in reproduce.runs(str(tmp_path / "out"))
-    json.dump(rec, open(tmp_path / "out" / "dt_cifar10_onehot_s0.json", "w"))  # the dataset column names it as the paper does
-    assert "| NoProp-DT | onehot | CIFAR-10 | 1 (150) | 1 |" in reproduce.table(str(tmp_path / "out"))
+    assert len(row) == 1 and "| 1 (100), --lr 0.002 --steps 20 | 1 |" in row[0], row
+    assert '--rows fm_mnist_prototype --epochs 1 --seeds 0 --extra "--lr 0.002 --steps 20"\n' in reproduce.runs(str(tmp_path / "out"))
     old = {k: v for k, v in rec.items() if k != "train_accs"}  # a run from before train accuracy: counted apart
+    old["args"] = {**rec["args"], **paper}
     json.dump(old, open(tmp_path / "out" / "dt_cifar10_onehot_s1.json", "w"))
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if "| CIFAR-10 | 1 (150) | 2 |" in r]
     assert len(row) == 1 and f"| {100 * np.mean(rec['train_accs']):.2f}" in row[0] and "(1 of 2 seeds) |" in row[0], row
