@@ -111,7 +111,7 @@ def main(argv=None):
     T = T if meta["variant"] == "dt" else run["steps"]
     x, y = x_te[:a.limit], np.asarray(y_te[:a.limit])
     out = trajectories(meta["variant"], tree["eval"], tree["state"], jax.random.PRNGKey(0), x, y, T, block=run["block"],
-                       classifier=run["classifier"] if meta["variant"] == "dt" else "softmax")
+                       classifier=run["classifier"])  # restore fills in the defaults: CT's runs have no --classifier
     epochs = len(meta["history"])
     title = (f"{NAMES[meta['variant']]} {meta['dataset']} {meta['embedding']}, {epochs} epoch{'s' * (epochs != 1)}: "
              f"first {len(y)} test images")
