@@ -68,10 +68,11 @@ def compiled_step(params, state, loss, opt, key, x, y):
     return loop.jit_step(loss, opt).lower(*args).compile(), args
 
 
-def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False, only=None):
-    """Per training step: ms, images/s, XLA's FLOPs, share of the matmul rate, temporaries."""
+def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False, only=None, rows=None, save=None):
+    """Per training step: ms, images/s, XLA's FLOPs, share of the matmul rate, temporaries; into `rows`,
+    calling save() after each (a run cut short keeps what it measured)."""
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
-    rows = {}
+    rows = {} if rows is None else rows
     for name, ((params, state), loss, opt, ref) in train_steps(shape, m, T, key, ode_steps).items():
         if only and name not in only:
             continue
@@ -90,12 +91,15 @@ def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False, o
                       "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20,
                       "pytorch_reference": ref}
         print(f"  {name:28s} {rows[name]['ms_per_step']:8.0f} ms", flush=True)
+        if save:
+            save()
     return rows
 
 
 def add_torch(out, shapes, B, T, reps, torch_ref):
     """The PyTorch references, timed after every JAX row: torch's idle OpenMP threads keep spinning
     for a while after it runs, and would slow whatever is timed next in this process."""
+    out["pytorch_device"] = str(torch_ref.DEVICE)
     for name, rows in out.get("train_step", {}).items():
         (shape, m), ms = shapes[name], {}
         for row in rows.values():
@@ -285,17 +289,20 @@ def main(argv=None):
     rate = matmul_rate(256 if a.tiny else 2048, reps)
     out.update(quick=a.quick, tiny=a.tiny, matmul_gflop_per_s=rate / 1e9, train_step={})
     print(f"machine: {machine}, jax {jax.__version__}; float32 matmul {rate / 1e9:.0f} GFLOP/s")
+    save = functools.partial(loop.write_json, a.out, out)
     for name, (shape, m) in shapes.items():
         print(f"training steps, {name}, batch {B}, T = {T}:")
         only = None if name in ("MNIST", "tiny") else CIFAR_ROWS
-        out["train_step"][name] = bench_steps(shape, m, B, T, reps, rate, key, ode_steps, only=only)
+        bench_steps(shape, m, B, T, reps, rate, key, ode_steps, only=only, rows=out["train_step"].setdefault(name, {}), save=save)
     s = out["train_step"][next(iter(shapes))]
     out["ratios"] = {
         "all_blocks_vs_ten_one_block_steps": s["noprop_dt_all_blocks_unroll"]["ms_per_step"] / (T * s["noprop_dt_one_block"]["ms_per_step"]),
         "one_block_temp_vs_backprop_temp": s["noprop_dt_one_block"]["temp_mb"] / s["backprop_unroll"]["temp_mb"]}
     shape, m = next(iter(shapes.values()))
     out["dispatch"] = bench_dispatch(shape, m, B, epoch, key)
+    save()
     out["inference"] = {"features_once": bench_inference(shape, m, n_images, steps, n_slice, key)}
+    save()
     torch_ref = None if a.no_torch else torch_or_none()
     if torch_ref:
         add_torch(out, shapes, B, T, reps, torch_ref)

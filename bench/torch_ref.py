@@ -6,7 +6,8 @@ backprop: the same T blocks chained end to end (Eq. 18), one AdamW, cross-entrop
 ct, fm: the one CT/FM network (image, label and time paths, head; no batch norm) with Adam.
 Same shapes, losses and hyperparameters as noprop's; CT's learned schedule is a learnable linear
 gamma(t) here (its cost is a few hundred flops either way). Optional: used by bench/speed.py only
-when torch is importable (pip install torch); nothing else in noprop needs it.
+when torch is importable (pip install torch); nothing else in noprop needs it. On a CUDA GPU when
+torch sees one (then timed between torch.cuda.synchronize calls), else on the CPU.
 """
 import math
 import time
@@ -14,6 +15,14 @@ import time
 import numpy as np
 import torch
 from torch import nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    """Wait for the GPU's queued work, so that a timer reads finished work (nothing on a CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def image_path(c_in, side):
@@ -49,7 +58,7 @@ class CTModel(nn.Module):
         super().__init__()
         self.img, self.lab, self.time = image_path(c_in, side), nn.Linear(d, 256), nn.Linear(64, 256)
         self.head = nn.Sequential(nn.Linear(768, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, m))
-        self.freqs = torch.exp(-math.log(10000.0) * torch.arange(32) / 32)
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(32) / 32))
 
     def forward(self, x, z, t):
         angles = 1000.0 * t[:, None] * self.freqs
@@ -60,16 +69,16 @@ class CTModel(nn.Module):
 
 def cosine_snr(T, s=0.02):
     """SNR(t) of noprop.cosine_schedule."""
-    ab = torch.cos(0.5 * torch.pi * (1 - torch.arange(T + 1) / T + s) / (1 + 2 * s)) ** 2
+    ab = torch.cos(0.5 * torch.pi * (1 - torch.arange(T + 1, device=DEVICE) / T + s) / (1 + 2 * s)) ** 2
     return ab, ab / (1 - ab)
 
 
 def make_step(kind, x, y, m, T, eta):
     """A function that runs one training step of `kind` on the batch (x, y)."""
     c_in, side, d = x.shape[1], x.shape[2], m
-    u = torch.eye(m)[y]
+    u = torch.eye(m, device=DEVICE)[y]
     if kind == "dt":
-        blocks, classifier = [Block(c_in, side, m, d) for _ in range(T)], nn.Linear(d, m)
+        blocks, classifier = [Block(c_in, side, m, d).to(DEVICE) for _ in range(T)], nn.Linear(d, m).to(DEVICE)
         opts = [torch.optim.AdamW(list(b.parameters()) + list(classifier.parameters()), 1e-3, weight_decay=1e-3)
                 for b in blocks]
         ab, snr = cosine_snr(T)
@@ -85,8 +94,8 @@ def make_step(kind, x, y, m, T, eta):
                 opt.step()
         return step
     if kind == "backprop":
-        blocks, classifier = nn.ModuleList([Block(c_in, side, m, d) for _ in range(T)]), nn.Linear(d, m)
-        w = nn.Parameter(torch.full((T,), math.atanh(0.5)))
+        blocks, classifier = nn.ModuleList([Block(c_in, side, m, d) for _ in range(T)]).to(DEVICE), nn.Linear(d, m).to(DEVICE)
+        w = nn.Parameter(torch.full((T,), math.atanh(0.5), device=DEVICE))
         opt = torch.optim.AdamW(list(blocks.parameters()) + list(classifier.parameters()) + [w], 1e-3, weight_decay=1e-3)
 
         def step():
@@ -99,13 +108,13 @@ def make_step(kind, x, y, m, T, eta):
             loss.backward()
             opt.step()
         return step
-    model, classifier = CTModel(c_in, side, m, d), nn.Linear(d, m)
-    gamma = nn.Parameter(torch.tensor([-4.0, 4.0]))  # gamma(t) = g0 + (g1 - g0)(1 - t), so SNR(t) = exp(-gamma(t))
+    model, classifier = CTModel(c_in, side, m, d).to(DEVICE), nn.Linear(d, m).to(DEVICE)
+    gamma = nn.Parameter(torch.tensor([-4.0, 4.0], device=DEVICE))  # gamma(t) = g0 + (g1 - g0)(1 - t), so SNR(t) = exp(-gamma(t))
     params = list(model.parameters()) + list(classifier.parameters()) + ([gamma] if kind == "ct" else [])
     opt = torch.optim.Adam(params, 1e-3, weight_decay=1e-3)
 
     def step():
-        t = torch.rand(len(y))
+        t = torch.rand(len(y), device=DEVICE)
         if kind == "ct":
             g = gamma[0] + (gamma[1] - gamma[0]) * (1 - t)
             ab = torch.sigmoid(-g)[:, None]
@@ -127,13 +136,15 @@ def make_step(kind, x, y, m, T, eta):
 def ms_per_step(kind="dt", shape=(28, 28, 1), m=10, B=128, T=10, reps=5, eta=None):
     """Median ms of one training step of `kind` (dt: all T blocks and the classifier), PyTorch-style."""
     torch.manual_seed(0)
-    x, y = torch.rand(B, shape[-1], shape[0], shape[1]), torch.randint(0, m, (B,))
+    x, y = torch.rand(B, shape[-1], shape[0], shape[1], device=DEVICE), torch.randint(0, m, (B,), device=DEVICE)
     step = make_step(kind, x, y, m, T, eta if eta is not None else (0.1 if kind == "dt" else 1.0))
     step()
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -141,23 +152,25 @@ def ms_per_step(kind="dt", shape=(28, 28, 1), m=10, B=128, T=10, reps=5, eta=Non
 def seconds_inference(kind="ct", shape=(28, 28, 1), m=10, n_images=10000, steps=1000, chunk=1000):
     """Seconds of CT (Eq. 3 on a grid) or FM (Euler) inference over n_images, image path once per image."""
     torch.manual_seed(0)
-    model = CTModel(shape[-1], shape[0], m, m).eval()
-    x = torch.rand(n_images, shape[-1], shape[0], shape[1])
-    ab = torch.sigmoid(torch.linspace(-4.0, 4.0, steps + 1))  # an increasing alpha_bar on the grid
+    model = CTModel(shape[-1], shape[0], m, m).to(DEVICE).eval()
+    x = torch.rand(n_images, shape[-1], shape[0], shape[1], device=DEVICE)
+    ab = torch.sigmoid(torch.linspace(-4.0, 4.0, steps + 1, device=DEVICE))  # an increasing alpha_bar on the grid
     al = torch.cat([ab[:-1] / ab[1:], ab[-1:]])
     a = ab[1:].sqrt() * (1 - al[:-1]) / (1 - ab[:-1])
     b = al[:-1].sqrt() * (1 - ab[1:]) / (1 - ab[:-1])
     c = (1 - ab[1:]) * (1 - al[:-1]) / (1 - ab[:-1])
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         for xb in x.split(chunk):
-            img, z = torch.relu(model.img(xb)), torch.randn(len(xb), m)
+            img, z = torch.relu(model.img(xb)), torch.randn(len(xb), m, device=DEVICE)
             for k in range(steps):
-                angles = 1000.0 * torch.full((len(xb), 1), k / steps) * model.freqs
+                angles = 1000.0 * torch.full((len(xb), 1), k / steps, device=DEVICE) * model.freqs
                 emb = torch.cat([torch.sin(angles), torch.cos(angles)], -1)
                 out = model.head(torch.cat([img, torch.relu(model.lab(z)), torch.relu(model.time(emb))], -1))
                 if kind == "fm":
                     z = z + out / steps
                 else:
                     z = a[k] * torch.softmax(out, -1) + b[k] * z + c[k].sqrt() * torch.randn_like(z)
+    sync()
     return time.perf_counter() - t0
