@@ -109,16 +109,18 @@ def batchnorm(p, s, x, train):
 BLOCK_AXES = ("auto", "vmap", "unroll")
 
 
-def unrolled(block_axis="auto"):
-    """Whether map_blocks and scan_blocks unroll the block axis: "unroll", "vmap", or "auto".
+def unrolled(block_axis="auto", scan=False):
+    """Whether map_blocks (or, with scan=True, scan_blocks) unrolls the block axis: "unroll", "vmap", or "auto".
 
-    "auto" unrolls on a single CPU device: there XLA runs T ordinary convolutions and matmuls
-    faster than their batched forms (bench/README.md). On a GPU, and over several devices (which
-    each hold some of the blocks), vmap and a rolled scan keep the block axis whole.
+    "auto" unrolls both on a single CPU device: there XLA runs T ordinary convolutions and matmuls
+    faster than their batched forms. On a single GPU it keeps vmap (DT's step: 3.0 ms, unrolled 5.5)
+    but unrolls the scan (the backprop chain: 5.6 ms, rolled 8.8; bench/README.md). Over several
+    devices, which each hold some of the blocks, vmap and a rolled scan keep the block axis whole.
     """
     if block_axis not in BLOCK_AXES:
         raise ValueError(f"block_axis must be one of {BLOCK_AXES}, got {block_axis!r}")
-    return block_axis == "unroll" or (block_axis == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
+    one_device = jax.device_count() == 1 and (scan or jax.default_backend() == "cpu")
+    return block_axis == "unroll" or (block_axis == "auto" and one_device)
 
 
 def map_blocks(f, xs, block_axis="auto"):
@@ -135,7 +137,7 @@ def map_blocks(f, xs, block_axis="auto"):
 
 def scan_blocks(step, init, xs, block_axis="auto"):
     """lax.scan of step over the block axis of xs; unrolled into straight-line code as map_blocks is."""
-    return jax.lax.scan(step, init, xs, unroll=unrolled(block_axis))
+    return jax.lax.scan(step, init, xs, unroll=unrolled(block_axis, scan=True))
 
 
 # --- Architecture (Fig. 6; parameter counts of v2 Table 5) ---

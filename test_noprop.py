@@ -247,6 +247,16 @@ def test_unrolled_block_axis_computes_what_vmap_and_scan_compute(method):
         noprop.unrolled("scan")
 
 
+def test_auto_block_axis_takes_the_form_each_backend_runs_faster(monkeypatch):
+    """auto (bench/README.md): a CPU unrolls the map and the scan; one GPU maps by vmap but unrolls the scan;
+    several devices keep the block axis whole; a forced form is taken as asked."""
+    for backend, devices, expect in (("cpu", 1, (True, True)), ("gpu", 1, (False, True)), ("gpu", 2, (False, False))):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(jax, "device_count", lambda: devices)
+        assert (noprop.unrolled(), noprop.unrolled(scan=True)) == expect, (backend, devices)
+        assert noprop.unrolled("unroll") and not noprop.unrolled("vmap", scan=True)
+
+
 def adjoint_problem(steps, adjoint):
     """CE after the adjoint baseline's ODE on a tiny problem, by the adjoint method or by backprop through Euler."""
     params, _ = noprop.init_adjoint(KEY, TINY, 4, "dim20")

@@ -26,7 +26,8 @@ HELP = {
     "embedding_init": "W_embed's init for --embedding prototype: prototype (class medoids), or orthogonal or random "
                       "rows of the medoids' mean norm",
     "block_axis": "how the T blocks are compiled, same numbers either way: vmap (one batched program), unroll (T "
-                  "ordinary ones: faster on a CPU), or auto (unroll on one CPU device, vmap on GPUs or several devices)",
+                  "ordinary ones: faster on a CPU), or auto (unroll on one CPU device; on one GPU vmap DT's blocks but "
+                  "unroll the backprop chain's scan; vmap over several devices)",
     "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
     "steps": "inference steps on [0, 1]",
     "clip": "CT only: clip the global gradient norm at this value; 0 = no clipping",

@@ -144,7 +144,7 @@ def new_record(args, n_dev):
     """The run's JSON record before its first epoch: settings (block_axis "auto" resolved), versions, devices."""
     settings = vars(args).copy()
     if settings.get("block_axis") == "auto":
-        settings["block_axis"] = "unroll" if noprop.unrolled() else "vmap"
+        settings["block_axis"] = "unroll" if noprop.unrolled(scan=args.variant == "backprop") else "vmap"
     return {**{k: settings[k] for k in IDENT}, "args": settings, "jax": jax.__version__,
             "device": jax.devices()[0].device_kind, "devices": n_dev, "processes": jax.process_count(),
             "history": [], "train_seconds": 0.0}
