@@ -75,30 +75,35 @@ def finished_runs(results_dir, name_re):
 
 
 def table(results_dir=HERE):
-    """Markdown rows from results/{row}_s*.json: mean +- s.e. over every seed x inference run."""
+    """Markdown rows from {results_dir}/{row}_s*.json (and its gpu/ folder, the runs made on a GPU: a row of
+    their own): mean +- s.e. over every seed x inference run."""
     out = ["| variant | embedding | dataset | epochs (paper) | seeds | train % | test % | paper train | paper test | hours |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for row, (v, d, e) in ROWS.items():
-        recs = [r for _, r in finished_runs(results_dir, rf"{row}_s\d+\.json")]
-        if not recs:
-            continue
-        col = DATASETS.index(d)
-
-        def stat(key):  # over the seeds that measured it (train accuracy came later than some runs)
-            have = [r[key] for r in recs if key in r]
-            if not have:
-                return "-"
-            v_ = 100 * np.concatenate(have)
-            s = f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
-            return s + (f" ({len(have)} of {len(recs)} seeds)" if len(have) < len(recs) else "")
-
-        epochs = sorted({r["epochs"] for r in recs})
-        note = "".join(f", {d}" for d in sorted({deviations(r) for r in recs}) if d)  # not the paper's settings
-        out.append(f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
-                   f"{stat('train_accs')} | **{stat('test_accs')}** | "
-                   f"{PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
-                   f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")
+        for where in (results_dir, os.path.join(results_dir, "gpu")):
+            recs = [r for _, r in finished_runs(where, rf"{row}_s\d+\.json")]
+            if recs:
+                out.append(table_row(v, d, e, recs))
     return "\n".join(out)
+
+
+def table_row(v, d, e, recs):
+    col = DATASETS.index(d)
+
+    def stat(key):  # over the seeds that measured it (train accuracy came later than some runs)
+        have = [r[key] for r in recs if key in r]
+        if not have:
+            return "-"
+        v_ = 100 * np.concatenate(have)
+        s = f"{v_.mean():.2f}±{v_.std(ddof=1) / np.sqrt(len(v_)):.2f}" if len(v_) > 1 else f"{v_.mean():.2f}"
+        return s + (f" ({len(have)} of {len(recs)} seeds)" if len(have) < len(recs) else "")
+
+    epochs = sorted({r["epochs"] for r in recs})
+    note = "".join(f", {d}" for d in sorted({deviations(r) for r in recs}) if d)  # not the paper's settings
+    note += "".join(f", on an {k}" for k in sorted({r["device"] for r in recs}) if k != "cpu")
+    return (f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
+            f"{stat('train_accs')} | **{stat('test_accs')}** | {PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
+            f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")
 
 
 def runs(results_dir=HERE):

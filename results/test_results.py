@@ -76,6 +76,10 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
     # a row whose runs left the paper's settings says so, as the flags that would make it again
     assert len(row) == 1 and "| 1 (100), --batch-size 32 --T 1 --block mlp | 1 |" in row[0] and "99.47±0.05" in row[0], row
+    os.makedirs(tmp_path / "out" / "gpu")  # a run made on a GPU (bench/gpu.sh): a row of its own, saying where
+    json.dump(dict(rec, device="NVIDIA H200"), open(tmp_path / "out" / "gpu" / "dt_mnist_onehot_s0.json", "w"))
+    row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
+    assert len(row) == 2 and "| 1 (100), --batch-size 32 --T 1 --block mlp, on an NVIDIA H200 | 1 |" in row[1], row
     assert ('--rows dt_mnist_onehot --epochs 1 --seeds 0 --extra "--batch-size 32 --T 1 --block mlp"\n'
             in reproduce.runs(str(tmp_path / "out")))
     paper = {k: v for k, v in reproduce.DEFAULTS["train_dt.py"].items() if k in rec["args"]}
@@ -111,3 +115,28 @@ def test_fm_blind_floor_is_the_bayes_velocity():
     floor, zero = blind_floor(10, n=50_000)
     assert 1.5 < floor < 2.2 and zero > 10  # E |u_y - z_0|^2 = 1 + d
     assert all(blind_floor(10, n=50_000, temperature=T)[0] > floor for T in (0.7, 1.4))
+
+
+# --- results.ablations: the paper's Figs. 6 and 7 (v2) ---
+
+def test_ablations_run_each_figures_setting_and_put_each_run_in_its_cell(tmp_path, monkeypatch):
+    from harness import cli
+    from results import ablations
+    import train_dt
+    for name in ablations.RUNS:  # the paper's settings but the one flag each bar changes
+        a = cli.parse_args(train_dt.DEFAULTS, "", ablations.command(name, 5, "", str(tmp_path))[2:], {"noprop": "dt"})
+        emb, what = name[len("dt_mnist_"):].split("_")
+        assert (a.embedding, a.epochs, a.seed, a.T, a.batch_size, a.lr, a.eval_runs) == (emb, 5, 0, 10, 128, 1e-3, 5)
+        assert (a.classifier, a.embedding_init) == ((what, "prototype") if what in ("softmax", "posterior") else ("softmax", what))
+    monkeypatch.setattr(ablations, "HERE", str(tmp_path))
+    os.makedirs(tmp_path / "ablations")
+    for i, name in enumerate(ablations.RUNS):  # a distinct accuracy per run: each must land in its own cell
+        rec = {"epochs": 5, "device": "cpu", "test_acc_mean": 0.9 + i / 1000, "train_acc_mean": 0.95,
+               "history": [{"test_acc_deterministic": 0.97}], **({"test_acc_stderr": 1e-4} if i else {})}
+        json.dump(rec, open(tmp_path / "ablations" / f"{name}.json", "w"))
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in ablations.tables(5).splitlines() if line.startswith("| ")}
+    assert lines["onehot"][1:5] == ["90.00", "95.00", "97.00", "90.10±0.01"] and lines["onehot"][-1] == "≈99.46 |"
+    assert lines["dim20"][1] == "90.20±0.01" and lines["dim20"][4] == "90.30±0.01"
+    assert lines["prototype"][1] == lines["prototype (class medoids)"][1] == "90.40±0.01"  # Fig. 7's prototype bar
+    orth, rand = lines["orthogonal rows of the medoids' mean norm"], lines["random rows of the medoids' mean norm"]
+    assert orth[1] == "90.60±0.01" and rand[1] == "90.70±0.01" and rand[-1] == "≈99.54 |"
