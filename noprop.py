@@ -54,13 +54,9 @@ KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # XLA compil
 
 
 def conv3x3(p, x):
-    """3x3 VALID convolution as im2col + one matmul. Shapes: (B, H, W, C) -> (B, H-2, W-2, C_out).
-
-    Same math as lax.conv_general_dilated, but its backward pass is a matmul, which XLA:CPU
-    runs ~10x faster under vmap over stacked block weights (bench/README.md). The barrier makes
-    XLA compute x once instead of once per shifted slice; it changes no value, and XLA:CPU keeps
-    it only when compiled with KEEP_BARRIERS (the training step is: 7-20 % faster).
-    """
+    """3x3 VALID convolution as im2col + one matmul, (B, H, W, C) -> (B, H-2, W-2, C_out): lax.conv's math with a
+    matmul backward, ~10x faster on XLA:CPU under vmap (bench/README.md). The barrier (kept by KEEP_BARRIERS,
+    which the training step is compiled with) makes XLA compute x once, not once per shifted slice."""
     x = jax.lax.optimization_barrier(x)
     H, W = x.shape[-3] - 2, x.shape[-2] - 2
     patches = jnp.concatenate([x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)], -1)
@@ -68,11 +64,8 @@ def conv3x3(p, x):
 
 
 def maxpool2(x):
-    """2x2 max pooling, stride 2, flooring odd sizes (as PyTorch's MaxPool2d).
-
-    The max of four strided slices: its backward is elementwise selects, ~2x faster on
-    XLA:CPU than reshape + max and ~5x faster than lax.reduce_window.
-    """
+    """2x2 max pooling, stride 2, flooring odd sizes (as PyTorch's MaxPool2d), as the max of four strided
+    slices: a backward of elementwise selects, 2-5x faster on XLA:CPU than reshape + max or reduce_window."""
     H, W = x.shape[-3] // 2 * 2, x.shape[-2] // 2 * 2
     s = [x[..., i:H:2, j:W:2, :] for i in range(2) for j in range(2)]
     return jnp.maximum(jnp.maximum(s[0], s[1]), jnp.maximum(s[2], s[3]))
@@ -110,13 +103,9 @@ BLOCK_AXES = ("auto", "vmap", "unroll")
 
 
 def unrolled(block_axis="auto", scan=False):
-    """Whether map_blocks (or, with scan=True, scan_blocks) unrolls the block axis: "unroll", "vmap", or "auto".
-
-    "auto" unrolls both on a single CPU device: there XLA runs T ordinary convolutions and matmuls
-    faster than their batched forms. On a single GPU it keeps vmap (DT's step: 3.0 ms, unrolled 5.5)
-    but unrolls the scan (the backprop chain: 5.6 ms, rolled 8.8; bench/README.md). Over several
-    devices, which each hold some of the blocks, vmap and a rolled scan keep the block axis whole.
-    """
+    """Whether map_blocks (or, scan=True, scan_blocks) unrolls the block axis; block_axis "unroll", "vmap" or "auto":
+    the faster form (bench/README.md), both unrolled on one CPU; on one GPU vmap for the map (DT's step 3.0 ms,
+    5.5 unrolled), unrolled for the scan (backprop 5.6 ms, 8.8 rolled); over several devices neither."""
     if block_axis not in BLOCK_AXES:
         raise ValueError(f"block_axis must be one of {BLOCK_AXES}, got {block_axis!r}")
     one_device = jax.device_count() == 1 and (scan or jax.default_backend() == "cpu")
@@ -124,11 +113,8 @@ def unrolled(block_axis="auto", scan=False):
 
 
 def map_blocks(f, xs, block_axis="auto"):
-    """f(*xs_t) for every t of the leading (block) axis of the arrays in xs, outputs stacked on it.
-
-    Either jax.vmap(f)(*xs), or the same map written out: a Python loop over t that slices each
-    block's parameters, runs f, and stacks the T outputs back. Same result, same gradients (tested).
-    """
+    """f(*xs_t) for every t of the leading (block) axis of xs, outputs stacked: jax.vmap(f)(*xs), or the same
+    map written out as a Python loop over t. Same result, same gradients (tested)."""
     if not unrolled(block_axis):
         return jax.vmap(f)(*xs)
     outs = [f(*jax.tree.map(lambda a: a[t], xs)) for t in range(jax.tree.leaves(xs)[0].shape[0])]
@@ -311,12 +297,9 @@ CLASSIFIERS = {"softmax": linear_logits, "posterior": posterior_logits}  # Fig. 
 # --- Fixed cosine noise schedule and posterior coefficients (Eqs. 5-6, App. A.3) ---
 
 def cosine_schedule(T, s=COSINE_OFFSET):
-    """DT schedule: alpha_bar_t = cos^2(pi/2 * (1 - t/T + s) / (1 + 2s)), t = 0..T.
-
-    NOT SPECIFIED beyond "fixed cosine": the Nichol-Dhariwal cosine with the index reversed
-    (z_T is the label) and a symmetric offset s, so 0 < alpha_bar_0 < ... < alpha_bar_T < 1
-    without clipping (s = 0.02: alpha_bar_0 = 1 - alpha_bar_T ~ 9e-4, log SNR in [-7, 7]).
-    """
+    """DT schedule: alpha_bar_t = cos^2(pi/2 * (1 - t/T + s) / (1 + 2s)), t = 0..T. NOT SPECIFIED beyond "fixed
+    cosine": Nichol-Dhariwal's with the index reversed and a symmetric offset s, so 0 < alpha_bar_0 < ... <
+    alpha_bar_T < 1 without clipping (s = 0.02: alpha_bar_0 = 1 - alpha_bar_T ~ 9e-4, log SNR in [-7, 7])."""
     t = jnp.arange(T + 1) / T
     return schedule_from_alpha_bar(jnp.cos(0.5 * jnp.pi * (1 - t + s) / (1 + 2 * s)) ** 2)
 
@@ -390,12 +373,9 @@ def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto", block=C
 
 
 def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
-    """Run Eq. 3 from z_0: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t.
-
-    `xs` is scanned alongside the coefficients (the stacked blocks for DT, the time grid for
-    CT). Returns z_T and the whole path (T, B, d). Deterministic: eps_t = 0. block_axis: see
-    scan_blocks (DT's 10 blocks may be unrolled; CT's 1000 grid steps stay a rolled loop).
-    """
+    """Eq. 3 from z_0: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t (eps_t = 0 if not stochastic),
+    xs scanned beside the coefficients: DT's stacked blocks, or CT's time grid (1000 steps: a rolled loop,
+    block_axis "vmap"). Returns z_T and the path (T, B, d)."""
     eps = jax.random.normal(key, (sched["a"].shape[0],) + z0.shape) * stochastic
 
     def step(z, inp):
@@ -451,11 +431,8 @@ def init_continuous(key, image_shape, d, m):
 
 
 def continuous_features(p, x, key=None):
-    """Image path (conv stack -> FC(256) -> ReLU) and its share of head1's pre-activation.
-
-    head1(concat[img, lab, time]) = img @ W1[:256] + lab @ W1[256:512] + time @ W1[512:] + b1: the
-    first term depends on x only, so inference computes it once per image, not once per step.
-    """
+    """Image path (conv stack -> FC(256) -> ReLU) times W1[:256] + b1: head1(concat[img, lab, time]) splits into
+    img @ W1[:256] + lab @ W1[256:512] + time @ W1[512:] + b1, so inference computes this once per image."""
     img = jax.nn.relu(conv_stack(p["img"], x, key))
     return img @ p["head1"]["W"][:256] + p["head1"]["b"]
 
@@ -548,11 +525,8 @@ def ct_grid_schedule(gamma_params, steps):
 
 
 def ct_chain(params, key, x, steps=1000, stochastic=True):
-    """Eq. 3 on a grid of `steps` (our discretisation: the paper names none), from images alone:
-    z_T and the path z_0 .. z_T (steps + 1, B, d).
-
-    Image features once; each step evaluates only the label, time and head layers at t_{k-1}.
-    """
+    """Eq. 3 on a grid of `steps` (our discretisation: the paper names none), from images alone, image features
+    once: z_T and the path z_0 .. z_T (steps + 1, B, d)."""
     W, model = class_embeddings(params), params["model"]
     feats = continuous_features(model, x)
     k0, k_eps = jax.random.split(key)
@@ -727,27 +701,6 @@ def predict_adjoint(params, state, key, x, steps=1000):
     z0 = jax.random.normal(key, (x.shape[0], W.shape[1]))
     z1 = euler_chain(z0, flow(model, continuous_features(model, x), W, x.shape[1:]), steps)
     return jnp.argmax(dense(params["classifier"], z1), -1)
-
-
-# --- Optimisers (Table 4): AdamW for DT and backprop, "Adam, weight decay 1e-3" for CT and FM ---
-
-# NOT SPECIFIED: gradient clipping. CT clips at global norm 1 (typical norms 3-30): Eq. 9's SNR'(t) weights
-# let a few examples carry most of a batch's gradient, and unclipped steps jolt the image path.
-CT_CLIP = 1.0
-
-
-def adam_l2(lr, weight_decay, clip=0.0):
-    """CT/FM optimiser "Adam, weight decay 1e-3": PyTorch-style L2 added before Adam's scaling.
-
-    The schedule is not decayed (our choice: L2 would pull its endpoints toward 0). clip > 0 clips the
-    whole gradient, L2 term included: clipped first (torch's clip_grad_norm_ before Adam.step()), the
-    schedule's large gradient shrinks the image path's below its decay, which then wins.
-    """
-    def mask(params):
-        return {k: jax.tree.map(lambda _: k != "schedule", v) for k, v in params.items()}
-
-    clipping = [optax.clip_by_global_norm(clip)] if clip else []
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask), *clipping, optax.adam(lr))
 
 
 # --- The training step: Algorithm 1 for all blocks at once ---

@@ -449,7 +449,7 @@ def test_ct_clipping_rescales_the_whole_gradient_so_weight_decay_keeps_its_share
     grads["model"]["img"]["fc"]["W"] = -grads["model"]["img"]["fc"]["W"]  # against the decay of positive weights
     up = {}
     for clip in (0.0, 1.0):
-        opt = noprop.adam_l2(1e-3, 1e-3, clip)
+        opt = variants.adam_l2(1e-3, 1e-3, clip)
         up[clip], _ = jax.jit(opt.update)(grads, opt.init(params), params)  # one compile, not one per op
     for a, b in zip(jax.tree.leaves(up[0.0]["model"]), jax.tree.leaves(up[1.0]["model"])):
         np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-7)

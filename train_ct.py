@@ -5,7 +5,6 @@ Example: python train_ct.py --epochs 10 --out results/ct.json
 """
 import jax
 
-import noprop
 from harness import cli, data, loop, processes, variants
 from viz import figures
 
@@ -13,7 +12,7 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT and Adjoint rows
     embedding="onehot", method="noprop",
     epochs=0,  # 0: the paper's (CT: MNIST 100, CIFAR-10 500, CIFAR-100 1000; adjoint: 2, 4, 4)
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # CT: Adam with L2-coupled decay; adjoint: AdamW
-    eta=1.0, clip=noprop.CT_CLIP,  # CT: gradient-norm clipping (0 = none; the paper names none)
+    eta=1.0, clip=variants.CT_CLIP,  # CT: gradient-norm clipping (0 = none; the paper names none)
     # NOT SPECIFIED: which weights CT evaluates. They wobble between epochs at lr 1e-3 (with clipping, 98.67 %
     # then 97.20 % after MNIST epochs 9 and 10), so CT evaluates a moving average of them (about 2 epochs).
     ema=0.999,
