@@ -12,7 +12,7 @@ Conventions, stated once (paper section 2, Eq. 6):
   or the same map unrolled) and run at inference by a scan over it (`scan_blocks`).
 - A DT block is an (init, apply) pair: init(key, image_shape, d, m) -> (params, BN state) and
   apply(params, state, x, z, key) -> (logits, state). CNN_BLOCK (Fig. 6) is the default; the DT
-  and backprop functions take `block=` to train another one (MLP_BLOCK is one).
+  and backprop functions take `block=` to train another one (harness/variants.py's BLOCKS adds an MLP).
 - Batch-norm running statistics live in a separate `state` pytree. `key=None` means
   evaluation mode: dropout off, batch norm reads its running statistics.
 - Where the paper is silent, our choice is a named constant or argument marked NOT SPECIFIED.
@@ -196,24 +196,6 @@ def dt_block(p, s, x, z, key=None):
 
 
 CNN_BLOCK = (init_dt_block, dt_block)  # Fig. 6, the paper's block
-
-
-def init_mlp_block(key, image_shape, d, m, width=256):
-    """A block without convolutions: [flatten(x), z] -> FC(width)-ReLU -> FC(width)-ReLU -> FC(m); no BN."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {"fc1": init_dense(k1, math.prod(image_shape) + d, width), "fc2": init_dense(k2, width, width),
-            "out": init_dense(k3, width, m)}, {}
-
-
-def mlp_block(p, s, x, z, key=None):
-    """Logits of the MLP block, with dropout after each hidden layer as in Fig. 6; its BN state stays empty."""
-    k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    h = dropout(k1, jax.nn.relu(dense(p["fc1"], jnp.concatenate([x.reshape(x.shape[0], -1), z], -1))))
-    return dense(p["out"], dropout(k2, jax.nn.relu(dense(p["fc2"], h)))), s
-
-
-MLP_BLOCK = (init_mlp_block, mlp_block)
-BLOCKS = {"cnn": CNN_BLOCK, "mlp": MLP_BLOCK}
 
 
 def count_params(p):

@@ -177,7 +177,7 @@ def tiny_dt(T=3, embedding="onehot"):
 @pytest.mark.parametrize("block", ["cnn", "mlp"])
 def test_block_t_loss_has_zero_gradient_for_every_other_block(block):
     """Any block (an init/apply pair): theta_t gets dL_t only, the shared classifier and W_embed every L_t."""
-    b = noprop.BLOCKS[block]
+    b = variants.BLOCKS[block]
     params, state = noprop.init_dt(KEY, TINY, 4, "dim20", T=3, block=b)
     x, y, sched = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4, noprop.cosine_schedule(3)
     jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block_axis="vmap", block=b)[1][1]["L_t"]))(params)

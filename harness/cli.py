@@ -5,6 +5,7 @@ import re
 import noprop
 from harness.data import DATASETS, default_data_dir
 from harness.evaluate import TRAIN_EVAL
+from harness.variants import BLOCKS
 
 HELP = {
     "dataset": "dataset to train on",
@@ -20,7 +21,7 @@ HELP = {
     "lr": "learning rate",
     "weight_decay": "weight decay (AdamW for DT/backprop, L2 before Adam for CT/FM)",
     "T": "number of blocks (diffusion steps)",
-    "block": "the DT block (an init/apply pair of noprop.BLOCKS): cnn (Fig. 6, the paper's) or mlp (no convolutions)",
+    "block": "the DT block (an init/apply pair of harness.variants.BLOCKS): cnn (Fig. 6, the paper's) or mlp (no convolutions)",
     "classifier": "NoProp-DT's p(y|z_T): softmax (Eq. 14, a linear layer) or posterior (Eqs. 15-16, "
                   f"sigma = {noprop.POSTERIOR_SIGMA})",
     "embedding_init": "W_embed's init for --embedding prototype: prototype (class medoids), or orthogonal or random "
@@ -49,7 +50,7 @@ HELP = {
     "process_id": "this process's rank, 0 .. --num-processes - 1; process 0 prints, writes and checkpoints",
 }
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"], "block_axis": list(noprop.BLOCK_AXES),
-           "block": list(noprop.BLOCKS), "classifier": list(noprop.CLASSIFIERS),
+           "block": list(BLOCKS), "classifier": list(noprop.CLASSIFIERS),
            "embedding_init": list(noprop.EMBEDDING_INITS)}
 RUN_FLAGS = dict(  # the flags every script has besides the paper's hyperparameters
     dataset="mnist", data_dir="", offline=False, tfds=False, out="", checkpoint_dir="", resume=False, quiet=False,

@@ -7,10 +7,12 @@ Variant whose functions have them bound:
   loss(params, state, key, x, y) -> (loss, (state, aux))          minimised by noprop.train_step
   predict(params, state, key, x) -> class labels                 images only; stochastic=False where Eq. 3 has noise
 """
+import math
 from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import noprop
@@ -23,6 +25,25 @@ class Variant(NamedTuple):
     predict: Callable
     optimizer: optax.GradientTransformation
     stochastic: bool = False  # predict takes stochastic= (Eq. 3's noise eps; on by default)
+
+
+# A DT block is an (init, apply) pair (noprop.py's conventions); the paper's is noprop.CNN_BLOCK (Fig. 6).
+def init_mlp_block(key, image_shape, d, m, width=256):
+    """A block without convolutions: [flatten(x), z] -> FC(width)-ReLU -> FC(width)-ReLU -> FC(m); no BN."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"fc1": noprop.init_dense(k1, math.prod(image_shape) + d, width), "fc2": noprop.init_dense(k2, width, width),
+            "out": noprop.init_dense(k3, width, m)}, {}
+
+
+def mlp_block(p, s, x, z, key=None):
+    """Logits of the MLP block, with dropout after each hidden layer as in Fig. 6; its BN state stays empty."""
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    h = noprop.dropout(k1, jax.nn.relu(noprop.dense(p["fc1"], jnp.concatenate([x.reshape(x.shape[0], -1), z], -1))))
+    return noprop.dense(p["out"], noprop.dropout(k2, jax.nn.relu(noprop.dense(p["fc2"], h)))), s
+
+
+MLP_BLOCK = (init_mlp_block, mlp_block)
+BLOCKS = {"cnn": noprop.CNN_BLOCK, "mlp": MLP_BLOCK}  # --block: add yours here
 
 
 LR, WEIGHT_DECAY = 1e-3, 1e-3  # Table 4: every variant; AdamW for DT and backprop, "Adam, weight decay 1e-3" for CT, FM
@@ -48,7 +69,7 @@ def adam_l2(lr, weight_decay, clip=0.0):
 def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
        embedding_init="prototype"):
     """NoProp-DT (Eq. 8, Algorithm 1, Eq. 3 inference), AdamW; classifier and embedding_init: Figs. 6, 7 of v2."""
-    sched, b, c = noprop.cosine_schedule(T), noprop.BLOCKS[block], noprop.CLASSIFIERS[classifier]
+    sched, b, c = noprop.cosine_schedule(T), BLOCKS[block], noprop.CLASSIFIERS[classifier]
     blocks = dict(block_axis=block_axis, block=b, classifier=c)
     return Variant("NoProp-DT", partial(noprop.init_dt, T=T, block=b, embedding_init=embedding_init),
                    partial(noprop.loss_dt, sched=sched, eta=eta, **blocks), partial(noprop.predict_dt, sched=sched, **blocks),
@@ -57,7 +78,7 @@ def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT
 
 def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY):
     """The same blocks chained (Eqs. 17-19) and trained end to end by backprop, AdamW."""
-    blocks = dict(block_axis=block_axis, block=noprop.BLOCKS[block])
+    blocks = dict(block_axis=block_axis, block=BLOCKS[block])
     return Variant("Backprop", partial(noprop.init_backprop, T=T, cls_scale=cls_scale, block=blocks["block"]),
                    partial(noprop.loss_backprop, **blocks), partial(noprop.predict_backprop, **blocks),
                    optax.adamw(lr, weight_decay=weight_decay))

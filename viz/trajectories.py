@@ -15,12 +15,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import noprop  # noqa: E402
+from harness import variants  # noqa: E402
 from harness.data import default_data_dir  # noqa: E402
 
 
 def block_logits(params, state, x, zs, block="cnn"):
-    """Logits (T, B, m) of DT block t (noprop.BLOCKS[block]) on input zs[t-1], for every t."""
-    return jax.lax.map(lambda a: noprop.BLOCKS[block][1](a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
+    """Logits (T, B, m) of DT block t (variants.BLOCKS[block]) on input zs[t-1], for every t."""
+    return jax.lax.map(lambda a: variants.BLOCKS[block][1](a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "T", "block"))  # stochastic is traced: one compile for both
@@ -28,7 +29,7 @@ def chain(variant, params, state, key, x, T, stochastic, block="cnn"):
     """predict_dt's or predict_ct's chain (same key, same z): (z_T, the path z_0 .. z_T, logits (T, B, m)
     of each block's guess of y on its input z_{t-1}). T: DT's blocks, or CT's grid steps."""
     if variant == "dt":
-        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap", noprop.BLOCKS[block])
+        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap", variants.BLOCKS[block])
         guess = block_logits(params, state, x, path[:-1], block)
     else:  # CT: the model at grid time t_{k-1} on z_{k-1}, as ct_chain evaluates it
         zT, path = noprop.ct_chain(params, key, x, T, stochastic)
