@@ -184,7 +184,11 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="more flags for every script, e.g. '--train-limit 1280' for a smoke test")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--table", action="store_true", help="only rewrite the README's table from results/*.json")
+    p.add_argument("--finished", nargs=2, metavar=("JSON", "EPOCHS"), help="only exit with 0 if JSON is a finished run "
+                   "of EPOCHS epochs or more, else 1 (bench/gpu.sh asks)")
     a = p.parse_args(argv)
+    if a.finished:
+        sys.exit(0 if finished(a.finished[0], int(a.finished[1])) else 1)
     rows = a.rows.split(",") if a.rows else list(ROWS)
     bad = [r for r in rows if r not in ROWS]
     if bad:
