@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import noprop
 from harness.testing import CACHE, FAST_COMPILE, write_npz
@@ -73,6 +74,10 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert "running dt_mnist_onehot seed 0" in capsys.readouterr().out
     rec = json.load(open(tmp_path / "out" / "dt_mnist_onehot_s0.json"))
     assert rec["epochs"] == 1 and len(rec["test_accs"]) == 2 and len(rec["train_accs"]) == 2
+    for epochs, code in (("1", 0), ("2", 1)):  # bench/gpu.sh's question: finished, for so many epochs?
+        with pytest.raises(SystemExit) as done:
+            reproduce.main(["--finished", str(tmp_path / "out" / "dt_mnist_onehot_s0.json"), epochs])
+        assert done.value.code == code
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-DT")]
     # a row whose runs left the paper's settings says so, as the flags that would make it again
     assert len(row) == 1 and "| 1 (100), --batch-size 32 --T 1 --block mlp | 1 |" in row[0] and "99.47±0.05" in row[0], row
