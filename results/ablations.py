@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+from results import reproduce
 from results.reproduce import replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,11 +35,9 @@ def command(name, epochs, data_dir, ckpt_root):
 
 
 def finished(name, epochs):
-    try:
-        rec = json.load(open(os.path.join(HERE, "ablations", f"{name}.json")))
-    except (OSError, ValueError):
-        return None
-    return rec if "test_acc_mean" in rec and rec["epochs"] == epochs else None
+    """The record of a finished run of at least `epochs` epochs, or None."""
+    path = os.path.join(HERE, "ablations", f"{name}.json")
+    return json.load(open(path)) if reproduce.finished(path, epochs) else None
 
 
 def run_all(epochs, data_dir, ckpt_root, jobs):
