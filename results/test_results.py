@@ -145,3 +145,17 @@ def test_ablations_run_each_figures_setting_and_put_each_run_in_its_cell(tmp_pat
     assert lines["prototype"][1] == lines["prototype (class medoids)"][1] == "90.40±0.01"  # Fig. 7's prototype bar
     orth, rand = lines["orthogonal rows of the medoids' mean norm"], lines["random rows of the medoids' mean norm"]
     assert orth[1] == "90.60±0.01" and rand[1] == "90.70±0.01" and rand[-1] == "≈99.54 |"
+
+
+def test_adjoint_choices_probe_is_the_adjoint_at_its_defaults_and_each_choice_changes_it():
+    """results/adjoint_choices.py: at its defaults, its loss, gradient and predictions are noprop's adjoint's; each
+    choice it varies changes the loss."""
+    from results import adjoint_choices as ac
+    x, y = jax.random.uniform(KEY, (4, 28, 28, 1)), jnp.arange(4)
+    params, state = noprop.init_adjoint(KEY, (28, 28, 1), 10, "onehot")
+    value_grad = lambda f: jax.value_and_grad(lambda p: f(p, state, KEY, x, y, steps=4)[0])(params)  # noqa: E731
+    (l_ours, g_ours), (l_ref, g_ref) = value_grad(ac.loss), value_grad(noprop.loss_adjoint)
+    assert l_ours == l_ref and all(jax.tree.leaves(jax.tree.map(jnp.array_equal, g_ours, g_ref)))
+    np.testing.assert_array_equal(ac.predict(params, state, KEY, x, steps=4), noprop.predict_adjoint(params, state, KEY, x, steps=4))
+    for change in ({"z0": 0.0}, {"dropout": False}, {"horizon": 10.0}):
+        assert abs(ac.loss(params, state, KEY, x, y, steps=4, **change)[0] - l_ref) > 1e-4, change
