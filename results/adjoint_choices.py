@@ -61,10 +61,11 @@ def run(choice, data, epochs, seed=0):
     params, state = noprop.init_adjoint(key, x.shape[1:], 10, "onehot")
     tree = {"params": params, "state": state, "opt_state": optimizer.init(params)}
     steps = loop.jit_step(partial(loss, **kw), optimizer, loop.train_steps)
+    test_predict = jax.jit(partial(predict, **kw))  # compiled once, not once per epoch
     acc, secs = [], []
     for epoch in range(epochs):
         tree, _, _, s = loop.train_epoch(steps, tree, x, y, jax.random.fold_in(key, epoch), 128, quiet=True)
-        preds = evaluate.predictions(jax.jit(partial(predict, **kw)), tree["params"], state, key, x_te, 1)
+        preds = evaluate.predictions(test_predict, tree["params"], state, key, x_te, 1)
         acc.append(100 * evaluate.accuracies(preds, y_te)[0]), secs.append(s)
         print(f"{choice:12s} epoch {epoch + 1}  test {acc[-1]:.2f} %  {s:.0f} s", flush=True)
     return {"test_acc": acc, "seconds": secs}
