@@ -464,18 +464,24 @@ def snr_prime(p, t):
     return jax.jvp(lambda s: jnp.exp(-gamma(p, s)), (t,), (jnp.ones_like(t),))[1]
 
 
-def init_fm(key, image_shape, m, embedding="onehot", x=None, y=None):
-    """Params {"model", "classifier", ["W_embed"]} of FM and the adjoint: no noise schedule, no BN state."""
+def init_fm(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale=1.0):
+    """Params {"model", "classifier", ["W_embed"]} of FM and the adjoint: no noise schedule, no BN state.
+
+    label_scale multiplies the dense label path's init weights (not the paper's; 1 = PyTorch's U(+-1/sqrt(d))):
+    a one-hot z gives that path features of size 1/sqrt(d), and at d = 100 CT's u_hat then stays flat.
+    """
     k_model, _, k_cls, k_emb = jax.random.split(key, 4)  # the second key is init_ct's schedule's
     d = embedding_dim(embedding, image_shape, m)
     model = jax.jit(init_continuous, static_argnums=(1, 2, 3))(k_model, image_shape, d, m)  # one compile
+    if not is_prototype(image_shape, d):
+        model["lab"]["W"] = label_scale * model["lab"]["W"]
     return {"model": model, "classifier": init_dense(k_cls, d, m),
             **init_embedding(k_emb, embedding, m, image_shape, x, y)}, {}
 
 
-def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None):
+def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale=1.0):
     """init_fm's params plus the learnable noise schedule, {"schedule"} (App. B)."""
-    params, state = init_fm(key, image_shape, m, embedding, x, y)
+    params, state = init_fm(key, image_shape, m, embedding, x, y, label_scale)
     return {**params, "schedule": init_gamma(jax.random.split(key, 4)[1])}, state
 
 

@@ -296,7 +296,7 @@ def test_variants_table_defaults_are_the_scripts_and_the_papers():
     Table 4's, as the scripts' flags state them."""
     import train_ct, train_dt, train_fm
     for build, script, keys in ((variants.dt, train_dt, ("T", "eta", "block", "block_axis", "lr", "weight_decay")),
-                                (variants.ct, train_ct, ("eta", "steps", "clip", "lr", "weight_decay")),
+                                (variants.ct, train_ct, ("eta", "steps", "clip", "lr", "weight_decay", "schedule", "label_scale")),
                                 (variants.fm, train_fm, ("steps", "lr", "weight_decay"))):
         defaults = {k: p.default for k, p in inspect.signature(build).parameters.items()}
         assert {k: script.DEFAULTS[k] for k in keys} == {k: defaults[k] for k in keys}, script.__name__
@@ -453,6 +453,45 @@ def test_ct_clipping_rescales_the_whole_gradient_so_weight_decay_keeps_its_share
         up[clip], _ = jax.jit(opt.update)(grads, opt.init(params), params)  # one compile, not one per op
     for a, b in zip(jax.tree.leaves(up[0.0]["model"]), jax.tree.leaves(up[1.0]["model"])):
         np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-7)
+
+
+def test_ct_fixed_schedule_never_moves_and_leaves_the_clip_to_the_model():
+    # --schedule fixed: the schedule keeps its init, and its (large) gradient no longer shrinks the model's at the
+    # clip. Two steps, as Adam's first is sign(g) whatever the clip: the second sees the first's scale.
+    params, _ = noprop.init_ct(KEY, TINY, 4)
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+    big = {**grads, "schedule": jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params["schedule"])}
+    zero = {**grads, "schedule": jax.tree.map(jnp.zeros_like, params["schedule"])}
+
+    def second_step(schedule, first):
+        opt = variants.adam_l2(1e-3, 1e-3, 1.0, schedule)
+        update = jax.jit(opt.update)
+        up, state = update(first, opt.init(params), params)
+        still = all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(up["schedule"]))
+        assert still == (schedule == "fixed" or first is zero)  # the paper's schedule learns
+        return update(zero, state, params)[0]["model"]
+
+    same = [np.allclose(a, b, rtol=1e-6) for a, b in zip(jax.tree.leaves(second_step("fixed", big)),
+                                                         jax.tree.leaves(second_step("learned", zero)))]
+    assert all(same)
+    moved = [np.allclose(a, b, rtol=1e-6) for a, b in zip(jax.tree.leaves(second_step("learned", big)),
+                                                          jax.tree.leaves(second_step("learned", zero)))]
+    assert not any(moved)  # learned: the schedule's gradient in the clip's norm changes the model's steps
+
+
+def test_label_scale_scales_the_dense_label_path_alone():
+    # --label-scale: the one-hot (or dim20) label path's init weights times s, every other parameter as before
+    x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4  # the prototypes' medoids
+    for embedding, scaled in (("onehot", 1), ("dim20", 1), ("prototype", 0)):
+        base, _ = noprop.init_ct(KEY, TINY, 4, embedding, x, y)
+        big, _ = noprop.init_ct(KEY, TINY, 4, embedding, x, y, label_scale=10.0)
+        flat_base, flat_big = jax.tree_util.tree_leaves_with_path(base), jax.tree.leaves(big)
+        n_scaled = 0
+        for (path, a), b in zip(flat_base, flat_big):
+            lab_w = jax.tree_util.keystr(path) == "['model']['lab']['W']"
+            np.testing.assert_allclose(b, 10.0 * a if lab_w and scaled else a, rtol=1e-6)
+            n_scaled += lab_w and scaled
+        assert n_scaled == scaled  # a prototype's label path is a conv stack: left alone
 
 
 def test_ema_of_the_weights_follows_its_recursion_and_leaves_the_updates_alone():

@@ -13,6 +13,8 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-CT and Adjoint rows
     epochs=0,  # 0: the paper's (CT: MNIST 100, CIFAR-10 500, CIFAR-100 1000; adjoint: 2, 4, 4)
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # CT: Adam with L2-coupled decay; adjoint: AdamW
     eta=1.0, clip=variants.CT_CLIP,  # CT: gradient-norm clipping (0 = none; the paper names none)
+    schedule="learned",  # CT: App. B's learned noise schedule, or "fixed" at its init
+    label_scale=1.0,  # CT, adjoint: the label path's init weights times this (1: PyTorch's default)
     # NOT SPECIFIED: which weights CT evaluates. They wobble between epochs at lr 1e-3 (with clipping, 98.67 %
     # then 97.20 % after MNIST epochs 9 and 10), so CT evaluates a moving average of them (about 2 epochs).
     ema=0.999,
@@ -29,9 +31,10 @@ def main(argv=None):
     (image_shape, m), (k_init, k_run) = data.DATASETS[args.dataset], jax.random.split(jax.random.PRNGKey(args.seed))
     if args.method == "adjoint":  # the baseline as the paper describes it: no clipping, no averaging
         args.clip = args.ema = 0.0
-        v = variants.adjoint(args.steps, args.lr, args.weight_decay)
+        v = variants.adjoint(args.steps, args.lr, args.weight_decay, args.label_scale)
     else:  # the loss is noprop.loss_ct (Eq. 9)
-        v = variants.ct(args.eta, args.steps, args.clip, args.lr, args.weight_decay)
+        v = variants.ct(args.eta, args.steps, args.clip, args.lr, args.weight_decay, args.schedule,
+                        args.label_scale)
     params, state = v.init(k_init, image_shape, m, args.embedding, x_tr, y_tr)
     record, tree = loop.fit(args, v, params, state, (x_tr, y_tr, x_te, y_te), k_run)  # prints, trains, evaluates, records
     return figures.plot_run(args, params, record, tree)  # --plot: the run's figures. Returns (record, tree)

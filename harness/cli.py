@@ -32,6 +32,10 @@ HELP = {
     "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
     "steps": "inference steps on [0, 1]",
     "clip": "CT only: clip the global gradient norm at this value; 0 = no clipping",
+    "schedule": "CT only: the noise schedule learned with the model (App. B, the paper's) or fixed at its init "
+                "(alpha_bar from 0.018 to 0.982): the learned one can collapse to chance on CIFAR-100 (results/README.md)",
+    "label_scale": "CT and adjoint: scale the label path's init weights (1 = PyTorch's default, the paper's silent choice); "
+                   "with a one-hot z at d = 100 the default leaves u_hat flat (results/README.md)",
     "ema": "CT only: evaluate a moving average of the weights with this decay; 0 = the weights themselves",
     "seed": "random seed of initialisation, batches, noise and evaluation",
     "eval_runs": "independent inference runs at the end (mean +- standard error)",
@@ -51,11 +55,11 @@ HELP = {
 }
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"], "block_axis": list(noprop.BLOCK_AXES),
            "block": list(BLOCKS), "classifier": list(noprop.CLASSIFIERS),
-           "embedding_init": list(noprop.EMBEDDING_INITS)}
+           "embedding_init": list(noprop.EMBEDDING_INITS), "schedule": ["learned", "fixed"]}
 RUN_FLAGS = dict(  # the flags every script has besides the paper's hyperparameters
     dataset="mnist", data_dir="", offline=False, tfds=False, out="", checkpoint_dir="", resume=False, quiet=False,
     plot=False, train_eval=TRAIN_EVAL, devices=0, coordinator="", num_processes=1, process_id=0)  # one machine, or several (README)
-POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes")
+POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes", "label_scale")
 NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "train_eval", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
                 "process_id")
 # Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
@@ -95,6 +99,8 @@ def parse_args(defaults, description, argv=None, variants=None):
                 f"got {args.coordinator!r}")
     if getattr(args, "embedding_init", "prototype") != "prototype" and args.embedding != "prototype":
         p.error(f"--embedding-init {args.embedding_init} needs --embedding prototype (the init of image-sized embeddings)")
+    if getattr(args, "schedule", "learned") != "learned" and args.method == "adjoint":
+        p.error("--schedule is NoProp-CT's: the adjoint has no noise schedule")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     if getattr(args, "plot", False):

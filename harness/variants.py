@@ -52,18 +52,20 @@ LR, WEIGHT_DECAY = 1e-3, 1e-3  # Table 4: every variant; AdamW for DT and backpr
 CT_CLIP = 1.0
 
 
-def adam_l2(lr, weight_decay, clip=0.0):
+def adam_l2(lr, weight_decay, clip=0.0, schedule="learned"):
     """CT/FM optimiser "Adam, weight decay 1e-3": PyTorch-style L2 added before Adam's scaling.
 
     The schedule is not decayed (our choice: L2 would pull its endpoints toward 0). clip > 0 clips the
     whole gradient, L2 term included: clipped first (torch's clip_grad_norm_ before Adam.step()), the
     schedule's large gradient shrinks the image path's below its decay, which then wins.
+    schedule="fixed" (not the paper's: it learns the schedule) zeroes the schedule's gradient before clipping.
     """
-    def mask(params):
-        return {k: jax.tree.map(lambda _: k != "schedule", v) for k, v in params.items()}
+    def where(pick):  # a mask over the top-level entries of params (the same optimiser state either way)
+        return lambda params: {k: jax.tree.map(lambda _: pick(k), v) for k, v in params.items()}
 
     clipping = [optax.clip_by_global_norm(clip)] if clip else []
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask), *clipping, optax.adam(lr))
+    return optax.chain(optax.masked(optax.set_to_zero(), where(lambda k: k == "schedule" and schedule == "fixed")),
+                       optax.add_decayed_weights(weight_decay, where(lambda k: k != "schedule")), *clipping, optax.adam(lr))
 
 
 def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
@@ -84,15 +86,16 @@ def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis=
                    optax.adamw(lr, weight_decay=weight_decay))
 
 
-def ct(eta=1.0, steps=1000, clip=CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY):
-    """NoProp-CT (Eq. 9, Algorithm 2, Eq. 3 on a grid of `steps`), Adam with L2 decay."""
-    return Variant("NoProp-CT", noprop.init_ct, partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
-                   adam_l2(lr, weight_decay, clip), stochastic=True)
+def ct(eta=1.0, steps=1000, clip=CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY, schedule="learned", label_scale=1.0):
+    """NoProp-CT (Eq. 9, Algorithm 2, Eq. 3 on a grid of `steps`), Adam with L2 decay; schedule: learned (App. B)
+    or fixed at its init; label_scale: noprop.init_fm's."""
+    return Variant("NoProp-CT", partial(noprop.init_ct, label_scale=label_scale), partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
+                   adam_l2(lr, weight_decay, clip, schedule), stochastic=True)
 
 
-def adjoint(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY):
+def adjoint(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY, label_scale=1.0):
     """The CT model as a neural ODE trained by the adjoint method (`steps` Euler steps), AdamW."""
-    return Variant("Adjoint", noprop.init_adjoint, partial(noprop.loss_adjoint, steps=steps),
+    return Variant("Adjoint", partial(noprop.init_adjoint, label_scale=label_scale), partial(noprop.loss_adjoint, steps=steps),
                    partial(noprop.predict_adjoint, steps=steps), optax.adamw(lr, weight_decay=weight_decay))
 
 
