@@ -43,9 +43,16 @@ def load_checkpoint(path, template, expect):
     return jax.tree_util.tree_unflatten(treedef, out), meta
 
 
+# flags that say how long a run goes, how it is scored or where it runs: a resume may change these, no others
+MAY_CHANGE = {"epochs", "eval_runs", "test_limit", "train_eval", "deterministic", "out", "checkpoint_dir", "resume",
+              "quiet", "plot", "data_dir", "offline", "tfds", "devices", "coordinator", "num_processes", "process_id",
+              "block_axis"}
+
+
 def resume(args, tree, record, ident):
     """--resume: the training state after the last finished epoch in --checkpoint-dir, its history
-    and seconds put into `record`; without a checkpoint there yet, `tree` as it is."""
+    and seconds put into `record`; without a checkpoint there yet, `tree` as it is. A checkpoint trained
+    with other settings (e.g. --lr) is refused."""
     path = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.resume else None
     if path and not os.path.exists(path):
         print(f"no checkpoint at {path} yet: starting from scratch")
@@ -54,6 +61,11 @@ def resume(args, tree, record, ident):
             tree, meta = load_checkpoint(path, tree, ident)
         except ValueError as e:
             sys.exit(f"error: {e}")
+        was = meta.get("args", {})
+        for k, v in record["args"].items():
+            if k in was and k not in MAY_CHANGE and was[k] != v:
+                sys.exit(f"error: {path} was trained with --{k.replace('_', '-')} {was[k]}, this run has {v}: "
+                         "resume with the same flags, or use another --checkpoint-dir")
         record.update(history=meta["history"], train_seconds=meta["train_seconds"])
         print(f"resumed from {path} after epoch {len(record['history'])}")
     return tree

@@ -78,6 +78,8 @@ def test_incompatible_or_damaged_checkpoints_are_refused(tmp_path):
     tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(ck))
     with pytest.raises(SystemExit, match="checkpoint has embedding='onehot', this run has 'dim20'"):
         tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--embedding", "dim20")
+    with pytest.raises(SystemExit, match="was trained with --lr 0.001, this run has 0.002"):  # a silent mix otherwise
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--lr", "2e-3")
     data = (ck / "checkpoint.npz").read_bytes()
     (ck / "checkpoint.npz").write_bytes(data[:len(data) // 2])
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
