@@ -90,6 +90,12 @@ def parse_args(defaults, description, argv=None, variants=None):
     args.variant = variants[getattr(args, "method", "noprop")]
     if not args.epochs:
         args.epochs = PAPER_EPOCHS[args.variant][{"cifar10": 1, "cifar100": 2}.get(args.dataset, 0)]
+    check_combinations(p, args)
+    return args
+
+
+def check_combinations(p, args):
+    """Flags that are valid alone but not together: exit through the parser with a one-line error."""
     if not getattr(args, "ema", 0) < 1:
         p.error(f"--ema must be below 1, got {args.ema}")
     if args.process_id >= args.num_processes:
@@ -108,7 +114,6 @@ def parse_args(defaults, description, argv=None, variants=None):
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("--plot needs matplotlib, an optional extra: pip install matplotlib")
-    return args
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
