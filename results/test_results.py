@@ -122,6 +122,26 @@ def test_fm_blind_floor_is_the_bayes_velocity():
     assert all(blind_floor(10, n=50_000, temperature=T)[0] > floor for T in (0.7, 1.4))
 
 
+@pytest.mark.parametrize("variant", ["ct", "fm"])
+def test_image_use_sees_only_what_the_image_path_carries(variant):
+    """results/image_use.py: with the image path emptied (as coupled L2 leaves it) the guess from z_t is the same
+    whatever the images; with a path that dominates, shuffling the images changes guesses. Near t = 1, z_t's
+    nearest class is the label."""
+    from results.image_use import guesses
+    x = jax.random.normal(KEY, (64, 28, 28, 1))
+    y = jnp.arange(64) % 10
+    p, _ = (noprop.init_ct if variant == "ct" else noprop.init_fm)(KEY, x.shape[1:], 10, label_scale=10.0)
+    img = p["model"]["img"]
+    dead = {**p["model"], "img": jax.tree.map(jnp.zeros_like, img)}
+    loud = {**p["model"], "img": {**img, "fc": {**img["fc"], "W": 100 * img["fc"]["W"]}}}  # the image dominates
+    perm = np.random.default_rng(0).permutation(64)
+    for model, same in ((dead, True), (loud, False)):
+        feats = noprop.continuous_features(model, x)
+        guess, nearest = guesses(variant, {**p, "model": model}, feats, y, 0.4, x.shape[1:])
+        assert bool((guess(feats) == guess(feats[perm])).all()) == same
+    assert (guesses(variant, p, feats, y, 0.99, x.shape[1:])[1] == y).all()
+
+
 # --- results.ablations: the paper's Figs. 6 and 7 (v2) ---
 
 def test_ablations_run_each_figures_setting_and_put_each_run_in_its_cell(tmp_path, monkeypatch):
