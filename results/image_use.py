@@ -22,12 +22,13 @@ from viz.figures import restore
 def guesses(variant, p, feats, y, t, image_shape):
     """(the model's guess of y from z_t given image features, z_t's nearest class) at one t for the batch."""
     W, model, tt = noprop.class_embeddings(p), p["model"], jnp.full((len(y),), t)
-    logits = lambda f, z: noprop.continuous_logits(model, f, z, tt, image_shape)
     if variant == "ct":
         z = noprop.sample_q(jax.random.PRNGKey(1), W[y], noprop.alpha_bar_ct(p["schedule"], tt)[:, None])
-        return lambda f: logits(f, z).argmax(-1), noprop.nearest_embedding(z, W)
+        u_hat = lambda f: noprop.continuous_logits(model, f, z, tt, image_shape).argmax(-1)
+        return u_hat, noprop.nearest_embedding(z, W)
     z = t * W[y] + (1 - t) * jax.random.normal(jax.random.PRNGKey(1), (len(y), W.shape[1]))
-    return lambda f: noprop.nearest_embedding(z + (1 - t) * logits(f, z) @ W, W), noprop.nearest_embedding(z, W)
+    v = lambda f: noprop.flow(model, f, W, image_shape)(t, z)  # FM's velocity, as its inference reads it
+    return lambda f: noprop.nearest_embedding(z + (1 - t) * v(f), W), noprop.nearest_embedding(z, W)
 
 
 def report(checkpoint, n=2000):
