@@ -55,3 +55,32 @@ def test_memory_of_every_training_step_and_one_block_holds_less_than_backprop(su
     temp = {k: v["temp_mb"] for k, v in json.load(open(r.args[r.args.index("--out") + 1]))["train_step"]["tiny"].items()}
     assert set(temp) == STEPS
     assert temp["noprop_dt_one_block"] < min(temp["backprop_scan"], temp["backprop_unroll"]) and all(v > 0 for v in temp.values())
+
+
+# bench/gpu.sh's rehearsal on a tiny MNIST-shaped file: split into parts and joined back (checked by SHA-256), one
+# row in its two stages, the archive; the script as a user runs it, in bash
+GPU_REHEARSAL = """
+import os, subprocess, sys
+import numpy as np
+rng, root = np.random.default_rng(0), sys.argv[1]
+os.makedirs(root + "/data", exist_ok=True)
+np.savez(root + "/data/mnist.npz", x_train=rng.integers(0, 256, (64, 28, 28, 1), np.uint8), y_train=np.arange(64) % 10,
+         x_test=rng.integers(0, 256, (16, 28, 28, 1), np.uint8), y_test=np.arange(16) % 10)
+env = {**os.environ, "REHEARSE": "1", "TESTS": "0", "ROWS": "fm_mnist_onehot_s0", "OUT": root + "/out"}
+sys.exit(subprocess.call(["bash", "bench/gpu.sh", root + "/data"], env=env))
+"""
+
+
+@pytest.mark.subprocess("gpu_rehearsal", ["-c", GPU_REHEARSAL, TMP + "/gpu"], env={"XLA_FLAGS": FAST_COMPILE})
+def test_gpu_kit_rehearsal_splits_joins_runs_a_row_in_stages_and_archives_it(subprocess_result):
+    import tarfile
+    r = subprocess_result("gpu_rehearsal")
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "mnist.npz: 1 parts of at most 58 MiB, joined, SHA-256 equal" in r.stdout
+    archive = r.stdout.strip().splitlines()[-1]
+    assert archive == r.args[-1] + "/out/gpu_results.tar.gz", archive
+    with tarfile.open(archive) as tar:
+        rec = json.load(tar.extractfile("gpu/fm_mnist_onehot_s0.json"))
+        log = tar.extractfile("gpu/fm_mnist_onehot_s0.log").read().decode()
+    assert rec["epochs"] == 2 and len(rec["history"]) == 2 and "test_acc_mean" in rec  # the last stage, complete
+    assert "resumed from" in log and log.count("over 2 inference runs") == 2  # stage 1, then stage 2 resumed from it

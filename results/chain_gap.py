@@ -57,6 +57,8 @@ def main(argv=None):
     sure = conf > 0.9
     for label, rows in ((f"block 1 confident (> 0.9), {100 * sure.mean():.0f} % of images", sure),
                         ("block 1 unsure (<= 0.9)", ~sure)):
+        if not rows.any():
+            continue
         print(f"{label}: final accuracy {100 * finals[False][:, rows].mean():.1f} % deterministic, "
               f"{100 * finals[True][:, rows].mean():.1f} % stochastic")
 
