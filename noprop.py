@@ -389,9 +389,12 @@ def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto",
 
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
 
-# NOT SPECIFIED: gamma_0, gamma_1 at init: alpha_bar(0) = 0.018, alpha_bar(1) = 0.982. With +-7 (DT's range)
-# SNR'(t) spans e^14: the loss sits at t ~ 1, where z gives the label away, and the image path barely learns.
-GAMMA_INIT = (-4.0, 4.0)
+# NOT SPECIFIED: the schedule's ends at init, log SNR(0) = -L and log SNR(1) = +L (gamma_1 = L, gamma_0 = -L). Eq. 9's
+# term E_t[SNR'(t) f(t)] is the integral of f over SNR itself, so it weighs noise levels uniformly in SNR between the
+# ends: at L = 4 (alpha_bar 0.018 to 0.982) 98 % of it lies at SNR > 1, where a one-hot z_t all but gives the label
+# away and the image path learns little; at L = 2 (alpha_bar 0.12 to 0.88), 88 %. On CIFAR-10 L = 2 learns faster
+# (results/README.md).
+LOG_SNR_INIT = 2.0
 GAMMA_HIDDEN = 32  # NOT SPECIFIED: width of the positive-weight network gamma_tilde
 
 
@@ -431,7 +434,7 @@ def continuous_logits(p, feats, z, t, image_shape, key=None):
     return dense(p["out"], jax.nn.relu(dense(p["head2"], h)))
 
 
-def init_gamma(key, hidden=GAMMA_HIDDEN, ends=GAMMA_INIT):
+def init_gamma(key, hidden=GAMMA_HIDDEN, ends=(-LOG_SNR_INIT, LOG_SNR_INIT)):
     """Parameters of the learnable schedule; positivity and gamma_1 > gamma_0 hold by construction."""
     k1, k2, k3 = jax.random.split(key, 3)
     return {"w1": jax.random.normal(k1, (hidden,)), "b1": jax.random.normal(k2, (hidden,)),
@@ -479,10 +482,12 @@ def init_fm(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale
             **init_embedding(k_emb, embedding, m, image_shape, x, y)}, {}
 
 
-def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale=1.0):
-    """init_fm's params plus the learnable noise schedule, {"schedule"} (App. B)."""
+def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale=1.0, log_snr_init=LOG_SNR_INIT):
+    """init_fm's params plus the learnable noise schedule, {"schedule"} (App. B), starting with log SNR(t) from
+    -log_snr_init at t = 0 to +log_snr_init at t = 1."""
     params, state = init_fm(key, image_shape, m, embedding, x, y, label_scale)
-    return {**params, "schedule": init_gamma(jax.random.split(key, 4)[1])}, state
+    ends = (-log_snr_init, log_snr_init)
+    return {**params, "schedule": init_gamma(jax.random.split(key, 4)[1], ends=ends)}, state
 
 
 def loss_ct(params, state, key, x, y, eta=1.0):
@@ -498,13 +503,15 @@ def loss_ct(params, state, key, x, y, eta=1.0):
     k_img, k_lab = jax.random.split(k_drop)
     logits = continuous_logits(params["model"], continuous_features(params["model"], x, k_img), z_t, t, x.shape[1:], k_lab)
     sq_err = ((jax.nn.softmax(logits) @ W - u_y) ** 2).sum(-1)
-    sdm = 0.5 * eta * jnp.mean(snr_prime(g, t) * sq_err)
+    weight = snr_prime(g, t)
+    sdm = 0.5 * eta * jnp.mean(weight * sq_err)
     readout = dense(params["classifier"], sample_q(k_1, u_y, alpha_bar_ct(g, jnp.ones(()))))
     ce = cross_entropy(readout, y)
     kl = jnp.mean(kl_z0(u_y, alpha_bar_ct(g, jnp.zeros(()))))
     ends = alpha_bar_ct(g, jnp.array([0.0, 1.0]))  # logged every epoch: the learned schedule's ends, and how well p(y|z_1) reads z_1 ~ q
     return ce + kl + sdm, (state, {"ce": ce, "kl": kl, "sdm": sdm, "alpha_bar_0": ends[0], "alpha_bar_1": ends[1],
-                                   "readout_acc": jnp.mean(jnp.argmax(readout, -1) == y)})
+                                   "readout_acc": jnp.mean(jnp.argmax(readout, -1) == y),
+                                   "weight_max_over_mean": jnp.max(weight) / jnp.mean(weight)})
 
 
 def ct_grid_schedule(gamma_params, steps):
@@ -512,9 +519,26 @@ def ct_grid_schedule(gamma_params, steps):
     return schedule_from_alpha_bar(alpha_bar_ct(gamma_params, jnp.linspace(0.0, 1.0, steps + 1)))
 
 
-def ct_chain(params, key, x, steps=1000, stochastic=True):
-    """Eq. 3 on a grid of `steps` (our discretisation: the paper names none), from images alone, image features
-    once: z_T and the path z_0 .. z_T (steps + 1, B, d)."""
+def probability_flow_schedule(alpha_bar):
+    """Coefficients of the deterministic DDIM step (Song et al. 2021) in Eq. 3's form, c_t = 0: with
+    eps_hat = (z_{t-1} - sqrt(alpha_bar_{t-1}) u_hat) / sqrt(1 - alpha_bar_{t-1}), the noise z_{t-1} carries,
+    z_t = sqrt(alpha_bar_t) u_hat + sqrt(1 - alpha_bar_t) eps_hat, i.e.
+      b_t = sqrt((1 - alpha_bar_t) / (1 - alpha_bar_{t-1})),  a_t = sqrt(alpha_bar_t) - b_t sqrt(alpha_bar_{t-1}).
+    A discretisation of the probability-flow ODE, whose marginals are q(z_t) as those of Eq. 3's chain are;
+    Eq. 3 without its eps is not (it shrinks the noise toward the mean at every step)."""
+    ab_t, ab_prev = alpha_bar[1:], alpha_bar[:-1]
+    b = jnp.sqrt((1 - ab_t) / (1 - ab_prev))
+    return {"alpha_bar": alpha_bar, "a": jnp.sqrt(ab_t) - b * jnp.sqrt(ab_prev), "b": b, "c": jnp.zeros_like(b)}
+
+
+# NOT SPECIFIED: how CT's 1000 inference steps run. "stochastic": Eq. 3 on the grid, as DT; "deterministic": Eq. 3
+# without its noise; "ode": the probability-flow ODE on the same grid (probability_flow_schedule).
+CT_SAMPLERS = ("stochastic", "deterministic", "ode")
+
+
+def ct_chain(params, key, x, steps=1000, sampler="stochastic"):
+    """Inference on a grid of `steps` (our discretisation: the paper names none) from images alone, image features
+    once, by one of CT_SAMPLERS: z_T and the path z_0 .. z_T (steps + 1, B, d)."""
     W, model = class_embeddings(params), params["model"]
     feats = continuous_features(model, x)
     k0, k_eps = jax.random.split(key)
@@ -523,14 +547,17 @@ def ct_chain(params, key, x, steps=1000, stochastic=True):
     def u_hat(t_prev, z):
         return jax.nn.softmax(continuous_logits(model, feats, z, jnp.full((1,), t_prev), x.shape[1:])) @ W
 
+    sched = ct_grid_schedule(params["schedule"], steps)
+    if sampler == "ode":
+        sched = probability_flow_schedule(sched["alpha_bar"])
     t_prev = jnp.arange(steps) / steps
-    zT, path = eq3_chain(k_eps, z0, ct_grid_schedule(params["schedule"], steps), u_hat, t_prev, stochastic)
+    zT, path = eq3_chain(k_eps, z0, sched, u_hat, t_prev, sampler == "stochastic")
     return zT, jnp.concatenate([z0[None], path])
 
 
-def predict_ct(params, state, key, x, steps=1000, stochastic=True):
+def predict_ct(params, state, key, x, steps=1000, sampler="stochastic"):
     """Class predictions from images alone: argmax p(y|z_T) at the end of ct_chain."""
-    return jnp.argmax(dense(params["classifier"], ct_chain(params, key, x, steps, stochastic)[0]), -1)
+    return jnp.argmax(dense(params["classifier"], ct_chain(params, key, x, steps, sampler)[0]), -1)
 
 
 # --- NoProp-FM: flow matching (Eqs. 10-13, Algorithm 3), Euler inference, nearest embedding ---

@@ -104,11 +104,13 @@ def test_batchnorm_train_and_eval_modes_and_dropout():
     y, s1 = noprop.batchnorm(p, s, x, train=True)
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(s1["mean"], 0.1 * x.mean(0), rtol=1e-5)  # momentum 0.1
+    np.testing.assert_allclose(s1["var"], 0.9 + 0.1 * np.var(np.asarray(x), 0, ddof=1), rtol=1e-5)  # unbiased: n/(n-1)
     y_eval, s2 = noprop.batchnorm(p, s1, x, train=False)
     assert s2 is s1 and not np.allclose(y_eval, y)  # eval uses running statistics
     assert noprop.dropout(None, x) is x
     kept = noprop.dropout(KEY, jnp.ones(100_000))
     assert abs(float((kept == 0).mean()) - 0.2) < 0.01 and abs(float(kept.mean()) - 1) < 0.01
+    np.testing.assert_allclose(np.unique(np.asarray(kept)), [0.0, 1 / 0.8], rtol=1e-6)  # inverted: kept ones / (1 - p)
 
 
 PAPER_COUNTS = {  # v2 Table 5: (DT block, CT model) per dataset and embedding; matched exactly by valid convs
@@ -143,6 +145,8 @@ def test_embeddings_orthogonal_and_medoid_and_figure_7s_inits_of_their_norm():
     x = np.array([[0.0], [1.0], [1.1], [5.0], [3.0], [3.2], [9.0]]).reshape(7, 1, 1, 1)
     y = np.array([0, 0, 0, 0, 1, 1, 1])
     np.testing.assert_allclose(noprop.medoid_images(x, y, 2)[:, 0], [1.0, 3.2])
+    x = np.array([0.0, 1.0, 2.1, 3.0, 100.0]).reshape(5, 1, 1, 1)  # the median, not the mean, of the distances:
+    assert float(noprop.medoid_images(x, np.zeros(5, int), 1)[0, 0]) == 1.0  # the mean would pick 2.1 (the outlier)
     x, y = jax.random.uniform(KEY, (40, 4, 4, 1)), np.arange(40) % 4  # d = 16 = image size
     medoids = noprop.init_embedding(KEY, "prototype", 4, (4, 4, 1), x, y)["W_embed"]
     norm = float(jnp.linalg.norm(medoids, axis=1).mean())
@@ -174,13 +178,14 @@ def tiny_dt(T=3, embedding="onehot"):
     return params, state, x, jnp.arange(8) % 4, noprop.cosine_schedule(T)
 
 
-@pytest.mark.parametrize("block", ["cnn", "mlp"])
-def test_block_t_loss_has_zero_gradient_for_every_other_block(block):
-    """Any block (an init/apply pair): theta_t gets dL_t only, the shared classifier and W_embed every L_t."""
+@pytest.mark.parametrize("block,form", [("cnn", "vmap"), ("cnn", "unroll"), ("mlp", "vmap")])
+def test_block_t_loss_has_zero_gradient_for_every_other_block(block, form):
+    """Any block (an init/apply pair), either compile form: theta_t gets dL_t only, the shared classifier and
+    W_embed every L_t."""
     b = variants.BLOCKS[block]
     params, state = noprop.init_dt(KEY, TINY, 4, "dim20", T=3, block=b)
     x, y, sched = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4, noprop.cosine_schedule(3)
-    jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block_axis="vmap", block=b)[1][1]["L_t"]))(params)
+    jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block_axis=form, block=b)[1][1]["L_t"]))(params)
     for t in range(3):  # jac leaves: (L_t index, block index, ...)
         for s in range(3):
             norm = sum(float(jnp.abs(leaf[t, s]).sum()) for leaf in jax.tree.leaves(jac["blocks"]))
@@ -189,16 +194,103 @@ def test_block_t_loss_has_zero_gradient_for_every_other_block(block):
             assert sum(float(jnp.abs(leaf[t]).sum()) for leaf in jax.tree.leaves(jac[shared])) > 0
 
 
-def test_eq8_weight_is_T_over_2_eta_dsnr_times_squared_error_summed_over_dims():
-    params, state, x, y, sched = tiny_dt()
-    c = jnp.array([0.5, -1.0, 2.0, 0.0])  # make every block output the same logits c
-    params["blocks"]["out"] = {"W": jnp.zeros_like(params["blocks"]["out"]["W"]),
-                               "b": jnp.broadcast_to(c, (3, 4))}
-    loss = jax.jit(lambda p, eta: noprop.loss_dt(p, state, KEY, x, y, sched, eta, "vmap")[0])
-    l_eta, l_0 = loss(params, 0.3), loss(params, 0.0)
-    sq = np.mean(np.sum((np.asarray(jax.nn.softmax(c)) - np.eye(4)[np.asarray(y)]) ** 2, -1))
-    expected = sum(3 / 2 * 0.3 * float(sched["snr"][t] - sched["snr"][t - 1]) * sq for t in (1, 2, 3))
-    np.testing.assert_allclose(l_eta - l_0, expected, rtol=1e-4)
+def probe_block(scale=3.0):
+    """A DT block (an init/apply pair) with no image path: logits = scale * z_{t-1} + c_t, each block's c_t its own,
+    so the blocks' outputs differ and each block's term is seen alone. Needs d = m (one-hot)."""
+    return (lambda key, image_shape, d, m: ({"c": jax.random.normal(key, (m,))}, {}),
+            lambda p, s, x, z, key=None: (scale * z[:, :p["c"].shape[-1]] + p["c"], s))
+
+
+def q_samples(rng, y, ab, d, n_rep=1):
+    """z ~ q(z|y) = N(sqrt(ab) u_y, (1 - ab) I) for one-hot u_y, drawn by numpy: (n_rep * B, d), and the labels."""
+    y = np.tile(np.asarray(y), n_rep)
+    return np.sqrt(ab) * np.eye(d)[y] + np.sqrt(1 - ab) * rng.standard_normal((len(y), d)), y
+
+
+def np_softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_cross_entropy(logits, y):
+    return float(np.mean(np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+                         - logits[np.arange(len(y)), y]))
+
+
+@pytest.mark.parametrize("form", ["vmap", "unroll"])
+def test_one_optimiser_step_moves_block_t_by_its_own_L_t_alone(form):
+    """Through the scripts' compiled step and optimiser (AdamW): block t's update from sum_t L_t equals its update
+    from L_t alone. A step that mixed blocks (a global-norm clip, say) would fail this."""
+    v = variants.dt(T=3, block_axis=form)
+    params, state = v.init(KEY, TINY, 4, "dim20")
+    x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
+
+    def only(t):  # L_t of block t alone, the others' terms held out of the loss
+        def loss(*a):
+            _, (st, aux) = v.loss(*a)
+            return aux["L_t"][t], (st, aux)
+        return loss
+
+    opt_state = v.optimizer.init(params)
+    step = loop.jit_step(v.loss, v.optimizer)
+    full = step(params, state, opt_state, KEY, x, y)[0]["blocks"]
+    for t in range(3):
+        alone = loop.jit_step(only(t), v.optimizer)(params, state, opt_state, KEY, x, y)[0]["blocks"]
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(alone)):
+            np.testing.assert_allclose(a[t], b[t], rtol=1e-5, atol=1e-7)
+
+
+def test_eq8_each_block_t_learns_at_its_own_noise_level_with_its_own_weight():
+    """L_t = CE(p(y|z_T)) + KL(q(z_0|y)||N(0,I)) + (T/2) eta (SNR(t) - SNR(t-1)) E|u_hat_t(z_{t-1}) - u_y|^2 with
+    z_{t-1} ~ q(z_{t-1}|y): each block's term against a numpy Monte Carlo at alpha_bar_{t-1}, blocks that differ."""
+    T, m, n, eta = 3, 4, 20_000, 0.3
+    block = probe_block()
+    params, state = noprop.init_dt(KEY, TINY, m, T=T, block=block)
+    params["classifier"] = {"W": 3.0 * jnp.eye(m), "b": jnp.zeros(m)}
+    x, y, sched = jnp.zeros((n,) + TINY), jnp.arange(n) % m, noprop.cosine_schedule(T)
+    loss = jax.jit(lambda eta: noprop.loss_dt(params, state, KEY, x, y, sched, eta, block=block))
+    (total, (_, aux)), (_, (_, aux0)) = loss(eta), loss(0.0)
+    c = np.asarray(params["blocks"]["c"])
+    ab, snr = np.asarray(sched["alpha_bar"], np.float64), np.asarray(sched["snr"], np.float64)
+    rng = np.random.default_rng(0)
+    for t in range(1, T + 1):  # block t's denoising error at its input level alpha_bar_{t-1}
+        z, yy = q_samples(rng, y, ab[t - 1], m)
+        want = np.mean(((np_softmax(3.0 * z + c[t - 1]) - np.eye(m)[yy]) ** 2).sum(-1))
+        np.testing.assert_allclose(aux["l2"][t - 1], want, rtol=0.03, err_msg=f"block {t}")
+    # the weight of each block's term, exactly: (T/2) eta (SNR(t) - SNR(t-1))
+    np.testing.assert_allclose(aux["L_t"] - aux0["L_t"], T / 2 * eta * np.diff(snr) * np.asarray(aux["l2"]), rtol=1e-4)
+    np.testing.assert_allclose(float(total), float(aux["L_t"].sum()), rtol=1e-6)  # the step minimises sum_t L_t
+    # KL(q(z_0|y) || N(0, I)) at alpha_bar_0, the Gaussian KL written out; CE of p(y|z_T), z_T ~ q(z_T|y)
+    kl = 0.5 * m * ((1 - ab[0]) + ab[0] / m - 1 - np.log(1 - ab[0]))  # sum over dims of var + mu^2 - 1 - log var
+    np.testing.assert_allclose(float(aux["kl"]), kl, rtol=1e-4)
+    z, yy = q_samples(rng, y, ab[T], m)
+    np.testing.assert_allclose(aux0["L_t"] - kl, np_cross_entropy(3.0 * z, yy), rtol=0.03)
+
+
+def test_block_input_is_a_sample_that_carries_no_gradient_to_w_embed():
+    """Algorithm 1 samples z_{t-1} ~ q(z_{t-1}|y) as data: W_embed's gradient is that of a block that stops it itself."""
+    init, apply = probe_block()
+    stopped = (init, lambda p, s, x, z, key=None: apply(p, s, x, jax.lax.stop_gradient(z), key))
+    params, state = noprop.init_dt(KEY, TINY, 4, "dim20", T=3, block=(init, apply))
+    x, y, sched = jnp.zeros((8,) + TINY), jnp.arange(8) % 4, noprop.cosine_schedule(3)
+    grads = [jax.grad(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block=b)[0])(params)["W_embed"]
+             for b in ((init, apply), stopped)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_eq3_runs_block_t_on_z_t_minus_1_with_its_own_coefficients():
+    """dt_chain without eps against the recurrence written out, blocks that differ: z_t = a_t u_hat_t(z_{t-1}) + b_t z_{t-1}."""
+    T, m = 4, 4
+    block = probe_block(1.5)
+    params, state = noprop.init_dt(KEY, TINY, m, T=T, block=block)
+    sched, x = random_schedule(KEY, T), jnp.zeros((6,) + TINY)
+    zT, path = noprop.dt_chain(params, state, KEY, x, sched, stochastic=False, block=block)
+    z, c = np.asarray(path[0], np.float64), np.asarray(params["blocks"]["c"])
+    a, b = np.asarray(sched["a"]), np.asarray(sched["b"])
+    for t in range(T):
+        z = a[t] * np_softmax(1.5 * z + c[t]) + b[t] * z
+        np.testing.assert_allclose(path[t + 1], z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(zT, z, rtol=1e-4, atol=1e-5)
 
 
 def test_backprop_baseline_sends_gradient_through_every_block_and_it_is_the_loss_gradient():
@@ -215,6 +307,21 @@ def test_backprop_baseline_sends_gradient_through_every_block_and_it_is_the_loss
     step = 1e-2
     moved = jax.tree.map(lambda p, d: p - step / norm * d, params, g)
     np.testing.assert_allclose(float(loss - loss_and_grad(moved)[0]), step * norm, rtol=0.2)
+
+
+def test_eq18_backprop_chain_is_the_mixing_recurrence():
+    """z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), written out, blocks and w_t that differ."""
+    T, m = 3, 4
+    block = probe_block(2.0)
+    params, state = noprop.init_backprop(KEY, TINY, m, T=T, block=block)
+    params["w"] = jnp.array([0.3, -0.8, 1.7])
+    z0 = jax.random.normal(KEY, (6, m))
+    zT, _ = noprop.backprop_chain(params, state, jnp.zeros((6,) + TINY), z0, block=block)
+    z, c = np.asarray(z0, np.float64), np.asarray(params["blocks"]["c"])
+    for t in range(T):
+        a = np.tanh(float(params["w"][t]))
+        z = (1 - a) * z + a * np_softmax(2.0 * z + c[t])
+    np.testing.assert_allclose(zT, z, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dt", "backprop"])
@@ -296,7 +403,8 @@ def test_variants_table_defaults_are_the_scripts_and_the_papers():
     Table 4's, as the scripts' flags state them."""
     import train_ct, train_dt, train_fm
     for build, script, keys in ((variants.dt, train_dt, ("T", "eta", "block", "block_axis", "lr", "weight_decay")),
-                                (variants.ct, train_ct, ("eta", "steps", "clip", "lr", "weight_decay", "schedule", "label_scale")),
+                                (variants.ct, train_ct, ("eta", "steps", "clip", "lr", "weight_decay", "schedule", "label_scale",
+                                                          "log_snr_init", "sampler")),
                                 (variants.fm, train_fm, ("steps", "lr", "weight_decay"))):
         defaults = {k: p.default for k, p in inspect.signature(build).parameters.items()}
         assert {k: script.DEFAULTS[k] for k in keys} == {k: defaults[k] for k in keys}, script.__name__
@@ -399,12 +507,58 @@ def test_learned_schedule_is_monotone_for_any_parameters():
     t = jnp.linspace(0.0, 1.0, 201)
     p0 = noprop.init_gamma(KEY)
     ab = noprop.alpha_bar_ct(p0, t)
-    assert float(ab[0]) < 0.02 and float(ab[-1]) > 0.98  # endpoints after init
+    np.testing.assert_allclose([ab[0], ab[-1]], jax.nn.sigmoid(noprop.LOG_SNR_INIT * jnp.array([-1.0, 1.0])), rtol=1e-5)
     for i in range(20):  # arbitrary, large parameter values: still increasing alpha_bar and SNR
         k = jax.random.fold_in(KEY, i)
         p = jax.tree.map(lambda a, kk: 5 * jax.random.normal(kk, a.shape), p0,
                          dict(zip(p0, jax.random.split(k, len(p0)))))
         assert bool(jnp.all(noprop.snr_prime(p, t) > 0)) and bool(jnp.all(jnp.diff(noprop.alpha_bar_ct(p, t)) >= 0))
+
+
+def test_app_b_ends_gamma_0_at_t_1_and_gamma_1_at_t_0_for_any_parameters():
+    """Eqs. 66-67: gamma(0) = gamma_1 = gamma_0 + softplus(gap), gamma(1) = gamma_0; alpha_bar = sigmoid(-gamma) and
+    SNR = exp(-gamma) (Eq. 65); init_ct's log_snr_init L puts log SNR at -L (t = 0) and +L (t = 1)."""
+    p0 = noprop.init_gamma(KEY)
+    for i in range(5):
+        p = jax.tree.map(lambda a, k: 3 * jax.random.normal(k, a.shape), p0, dict(zip(p0, jax.random.split(jax.random.fold_in(KEY, i), len(p0)))))
+        g0, g1 = float(p["gamma_0"]), float(p["gamma_0"]) + float(jax.nn.softplus(p["gap"]))
+        np.testing.assert_allclose(noprop.gamma(p, jnp.array([0.0, 1.0])), [g1, g0], rtol=1e-5, atol=1e-5)
+        ab = noprop.alpha_bar_ct(p, jnp.array([0.0, 0.3, 1.0]))
+        np.testing.assert_allclose(ab / (1 - ab), np.exp(-noprop.gamma(p, jnp.array([0.0, 0.3, 1.0]))), rtol=1e-4)
+    params, _ = noprop.init_ct(KEY, TINY, 4, log_snr_init=2.5)
+    np.testing.assert_allclose(-noprop.gamma(params["schedule"], jnp.array([0.0, 1.0])), [-2.5, 2.5], rtol=1e-5)  # log SNR
+
+
+def ct_constant_model(monkeypatch, logits_fn):
+    """loss_ct / loss_fm with the network replaced by logits_fn(z_t, t): no image path, a known u_hat or v."""
+    monkeypatch.setattr(noprop, "continuous_features", lambda p, x, key=None: jnp.zeros((x.shape[0], 1)))
+    monkeypatch.setattr(noprop, "continuous_logits", lambda p, feats, z, t, shape, key=None: logits_fn(z, t))
+
+
+def test_eq9_terms_against_quadrature_over_t_and_monte_carlo_over_z(monkeypatch):
+    """Eq. 9 with u_hat = softmax(2 z_t): (eta/2) E_{t~U[0,1]} SNR'(t) E_z|u_hat - u_y|^2 against a fine quadrature
+    over t (numpy Monte Carlo over z ~ q(z_t|y) at each t); CE read at z_1 ~ q(z_1|y); KL at alpha_bar(0)."""
+    ct_constant_model(monkeypatch, lambda z, t: 2.0 * z)
+    m, n, eta = 4, 40_000, 0.7
+    params, _ = noprop.init_ct(KEY, TINY, m, log_snr_init=2.0)
+    params["classifier"] = {"W": 3.0 * jnp.eye(m), "b": jnp.zeros(m)}
+    x, y = jnp.zeros((n, 1, 1, 1)), jnp.arange(n) % m
+    loss = jax.jit(lambda eta: noprop.loss_ct(params, {}, KEY, x, y, eta))
+    (_, (_, aux)), (_, (_, aux0)) = loss(eta), loss(0.0)
+    g = params["schedule"]
+    snr = lambda t: np.exp(-np.asarray(noprop.gamma(g, jnp.asarray(t, jnp.float32)), np.float64))  # noqa: E731
+    ts = np.linspace(0, 1, 2001)
+    rng, eps = np.random.default_rng(0), np.random.default_rng(1).standard_normal((4000, m))
+    u = np.eye(m)[np.arange(4000) % m]
+    ab = snr(ts) / (1 + snr(ts))
+    f = [np.mean(((np_softmax(2.0 * (np.sqrt(a) * u + np.sqrt(1 - a) * eps)) - u) ** 2).sum(-1)) for a in ab]
+    want = 0.5 * eta * np.trapezoid(np.gradient(snr(ts), ts) * np.array(f), ts)
+    np.testing.assert_allclose(float(aux["sdm"]), want, rtol=0.05)
+    assert float(aux0["sdm"]) == 0
+    ab1, ab0 = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0))  # App. B: alpha_bar(1) = sigmoid(-gamma_0), alpha_bar(0) = sigmoid(-gamma_1)
+    z, yy = q_samples(rng, y, ab1, m)
+    np.testing.assert_allclose(float(aux["ce"]), np_cross_entropy(3.0 * z, yy), rtol=0.03)
+    np.testing.assert_allclose(float(aux["kl"]), 0.5 * m * ((1 - ab0) + ab0 / m - 1 - np.log(1 - ab0)), rtol=1e-4)
 
 
 def test_snr_prime_matches_finite_differences():
@@ -431,12 +585,48 @@ def test_ct_schedule_classifier_and_model_all_get_gradients():
 def test_ct_oracle_chain_ends_at_the_label(steps):
     u = jnp.array([1.0, 0.0, 0.0])
     sched = noprop.ct_grid_schedule(noprop.init_gamma(KEY), steps)
-    z0 = jax.random.normal(KEY, (8_000, 3))
+    z0 = noprop.sample_q(KEY, jnp.broadcast_to(u, (8_000, 3)), sched["alpha_bar"][0])  # z_0 ~ q(z_0|y)
     zT, path = noprop.eq3_chain(jax.random.fold_in(KEY, 1), z0, sched, lambda _, z: u, jnp.arange(steps))
     ab = sched["alpha_bar"]
     np.testing.assert_allclose(zT.mean(0), np.sqrt(ab[-1]) * u, atol=0.01)
     assert float(zT.var(0).max()) < 1.5 * (1 - float(ab[-1]))
     np.testing.assert_allclose(path[steps // 2].var(0), 1 - ab[steps // 2 + 1], rtol=0.05)
+
+
+def test_ct_samplers_step_from_the_model_at_t_k_minus_1_as_written_out(monkeypatch):
+    """ct_chain on the grid t_k = k/steps, u_hat(z_{k-1}, t_{k-1}) from a model that depends on t and z: "deterministic"
+    is Eq. 3 without eps; "ode" is DDIM's step, z_k = sqrt(ab_k) u_hat + sqrt(1 - ab_k) eps_hat with
+    eps_hat = (z_{k-1} - sqrt(ab_{k-1}) u_hat) / sqrt(1 - ab_{k-1})."""
+    ct_constant_model(monkeypatch, lambda z, t: z + 4.0 * jnp.stack([t, 1 - t, 0 * t, 0 * t], -1))
+    steps, m = 5, 4
+    params, _ = noprop.init_ct(KEY, TINY, m)
+    x = jnp.zeros((6,) + TINY)
+    ab = np.asarray(noprop.alpha_bar_ct(params["schedule"], jnp.linspace(0.0, 1.0, steps + 1)), np.float64)
+    sched = noprop.ct_grid_schedule(params["schedule"], steps)
+    for sampler in ("deterministic", "ode"):
+        zT, path = noprop.ct_chain(params, KEY, x, steps, sampler)
+        z = np.asarray(path[0], np.float64)
+        for k in range(1, steps + 1):
+            t = (k - 1) / steps
+            u = np_softmax(z + 4.0 * np.array([t, 1 - t, 0, 0]))
+            if sampler == "ode":
+                eps = (z - np.sqrt(ab[k - 1]) * u) / np.sqrt(1 - ab[k - 1])
+                z = np.sqrt(ab[k]) * u + np.sqrt(1 - ab[k]) * eps
+            else:
+                z = float(sched["a"][k - 1]) * u + float(sched["b"][k - 1]) * z
+            np.testing.assert_allclose(path[k], z, rtol=1e-4, atol=1e-5, err_msg=f"{sampler}, step {k}")
+
+
+@pytest.mark.parametrize("steps", [4, 100])
+def test_probability_flow_with_the_true_label_keeps_q_marginals(steps):
+    """With u_hat = u_y and z_0 ~ q(z_0|y), the ODE's steps give z_k ~ q(z_k|y) at every k, with no noise added."""
+    u = jnp.array([1.0, -1.0, 0.5])
+    ab = jnp.sort(jax.random.uniform(KEY, (steps + 1,), minval=0.01, maxval=0.99))
+    z0 = noprop.sample_q(KEY, jnp.broadcast_to(u, (100_000, 3)), ab[0])
+    _, path = noprop.eq3_chain(KEY, z0, noprop.probability_flow_schedule(ab), lambda _, z: u, jnp.arange(steps), False)
+    abk = np.asarray(ab[1:])[:, None]
+    np.testing.assert_allclose(path.mean(1), np.sqrt(abk) * u, atol=0.015)
+    np.testing.assert_allclose(path.var(1), np.broadcast_to(1 - abk, (steps, 3)), atol=0.015)
 
 
 def test_ct_clipping_rescales_the_whole_gradient_so_weight_decay_keeps_its_share():
@@ -540,6 +730,33 @@ def test_fm_euler_with_oracle_velocity_lands_on_the_label(steps):
     z0, u = jax.random.normal(KEY, (5, 3)), jnp.array([1.0, -2.0, 0.5])
     np.testing.assert_allclose(noprop.euler_chain(z0, lambda t, z: u - z0, steps), jnp.broadcast_to(u, (5, 3)),
                                atol=1e-4)
+
+
+def test_eq13_fm_path_runs_noise_to_label_and_regresses_u_y_minus_z0(monkeypatch):
+    """Eqs. 10-11, 13 with v(z_t, t) = t z_t: z_t = t u_y + (1 - t) z_0 gives E|v - (u_y - z_0)|^2 =
+    E(1 - t^2)^2 |u|^2 + E(1 + t - t^2)^2 d = 8/15 |u|^2 + 41/30 d (the reversed path: 41/30 |u|^2 + 28/15 d)."""
+    ct_constant_model(monkeypatch, lambda z, t: t[:, None] * z)
+    m, n = 4, 40_000
+    params, _ = noprop.init_fm(KEY, TINY, m)
+    x, y = jnp.zeros((n, 1, 1, 1)), jnp.arange(n) % m
+    fm = float(jax.jit(lambda p: noprop.loss_fm(p, {}, KEY, x, y))(params)[0])
+    np.testing.assert_allclose(fm, 8 / 15 + 41 / 30 * m, rtol=0.02)
+
+
+def test_eq12_anchor_is_z_t_plus_one_minus_t_times_v(monkeypatch):
+    """With a learnable W_embed, CE(p(y | z~_1)) at z~_1 = z_t + (1 - t) v (Eq. 12), against numpy Monte Carlo."""
+    c = jnp.array([2.0, -1.0, 0.5, 0.0])
+    ct_constant_model(monkeypatch, lambda z, t: jnp.broadcast_to(c, (z.shape[0], 4)))  # v = c @ W_embed
+    n = 40_000
+    params, _ = noprop.init_fm(KEY, TINY, 4, "dim20")
+    W = np.asarray(params["W_embed"], np.float64)
+    params["classifier"] = {"W": jnp.asarray(4.0 * W.T, jnp.float32), "b": jnp.zeros(4)}
+    x, y = jnp.zeros((n, 1, 1, 1)), jnp.arange(n) % 4
+    (_, (_, aux)) = jax.jit(lambda p: noprop.loss_fm(p, {}, KEY, x, y))(params)
+    rng = np.random.default_rng(0)
+    t, z0 = rng.uniform(size=(n, 1)), rng.standard_normal((n, 20))
+    anchor = t * W[np.asarray(y)] + (1 - t) * z0 + (1 - t) * (np.asarray(c) @ W)
+    np.testing.assert_allclose(float(aux["ce"]), np_cross_entropy(4.0 * anchor @ W.T, np.asarray(y)), rtol=0.03)
 
 
 def test_fm_anchor_term_exactly_when_embedding_is_learnable():

@@ -28,11 +28,7 @@ def main(argv=None):
     processes.join_processes(args)  # only with --coordinator, or under srun / mpirun
     x_tr, y_tr, x_te, y_te = data.prepare_data(args)
     (image_shape, m), (k_init, k_run) = data.DATASETS[args.dataset], jax.random.split(jax.random.PRNGKey(args.seed))
-    if args.method == "noprop":  # the loss is noprop.loss_dt: the T blocks' L_t (Eq. 61), summed
-        v = variants.dt(args.T, args.eta, args.block, args.block_axis, args.lr, args.weight_decay, args.classifier,
-                        args.embedding_init)
-    else:
-        v = variants.backprop(args.T, args.cls_scale, args.block, args.block_axis, args.lr, args.weight_decay)
+    v = variants.from_args(args)  # noprop: the loss is noprop.loss_dt, the T blocks' L_t (Eq. 61) summed; or backprop's
     params, state = v.init(k_init, image_shape, m, args.embedding, x_tr, y_tr)
     record, tree = loop.fit(args, v, params, state, (x_tr, y_tr, x_te, y_te), k_run)  # prints, trains, evaluates, records
     return figures.plot_run(args, params, record, tree)  # --plot: the run's figures. Returns (record, tree)

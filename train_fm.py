@@ -23,7 +23,7 @@ def main(argv=None):
     processes.join_processes(args)  # only with --coordinator, or under srun / mpirun
     x_tr, y_tr, x_te, y_te = data.prepare_data(args)
     (image_shape, m), (k_init, k_run) = data.DATASETS[args.dataset], jax.random.split(jax.random.PRNGKey(args.seed))
-    v = variants.fm(args.steps, args.lr, args.weight_decay)  # the loss is noprop.loss_fm (Eq. 13)
+    v = variants.from_args(args)  # the loss is noprop.loss_fm (Eq. 13)
     params, state = v.init(k_init, image_shape, m, args.embedding, x_tr, y_tr)
     record, tree = loop.fit(args, v, params, state, (x_tr, y_tr, x_te, y_te), k_run)  # prints, trains, evaluates, records
     return figures.plot_run(args, params, record, tree)  # --plot: the run's figures. Returns (record, tree)

@@ -14,11 +14,22 @@ def save_checkpoint(path, tree, meta):
               for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     arrays["__meta__"] = np.array(json.dumps(meta))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)  # a kill at any moment leaves the last complete file
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a kill at any moment leaves the last complete file
+
+
+def atomic_write(path, write):
+    """write(f) into path + ".tmp", then rename it to path: a reader never sees half a file. A failed write (disk
+    full) stops the run with one line and leaves neither the .tmp nor a damaged file; the last complete one stays."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        sys.exit(f"error: could not write {path}: {e.strerror or e}")
 
 
 def load_checkpoint(path, template, expect):
@@ -44,7 +55,7 @@ def load_checkpoint(path, template, expect):
 
 
 # flags that say how long a run goes, how it is scored or where it runs: a resume may change these, no others
-MAY_CHANGE = {"epochs", "eval_runs", "test_limit", "train_eval", "deterministic", "out", "checkpoint_dir", "resume",
+MAY_CHANGE = {"epochs", "eval_runs", "test_limit", "train_eval", "deterministic", "sampler", "out", "checkpoint_dir", "resume",
               "quiet", "plot", "data_dir", "offline", "tfds", "devices", "coordinator", "num_processes", "process_id",
               "block_axis"}
 

@@ -1,6 +1,8 @@
 """Command-line flags shared by the three scripts: their meanings, defaults and checks."""
 import argparse
+import os
 import re
+import tempfile
 
 import noprop
 from harness.data import DATASETS, default_data_dir
@@ -36,6 +38,10 @@ HELP = {
                 "(alpha_bar from 0.018 to 0.982): the learned one can collapse to chance on CIFAR-100 (results/README.md)",
     "label_scale": "CT and adjoint: scale the label path's init weights (1 = PyTorch's default, the paper's silent choice); "
                    "with a one-hot z at d = 100 the default leaves u_hat flat (results/README.md)",
+    "log_snr_init": "CT only: the learned schedule starts with log SNR(t) = -L at t = 0 rising to +L at t = 1 "
+                    "(alpha_bar from sigmoid(-L) to sigmoid(L)); Eq. 9 weighs noise levels uniformly in SNR between the two",
+    "sampler": "CT only: how inference runs: stochastic (Eq. 3 with its noise), deterministic (Eq. 3 without it) or "
+               "ode (the probability-flow ODE, DDIM's step); the others are scored beside it",
     "ema": "CT only: evaluate a moving average of the weights with this decay; 0 = the weights themselves",
     "seed": "random seed of initialisation, batches, noise and evaluation",
     "eval_runs": "independent inference runs at the end (mean +- standard error)",
@@ -55,11 +61,12 @@ HELP = {
 }
 CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"], "block_axis": list(noprop.BLOCK_AXES),
            "block": list(BLOCKS), "classifier": list(noprop.CLASSIFIERS),
-           "embedding_init": list(noprop.EMBEDDING_INITS), "schedule": ["learned", "fixed"]}
+           "embedding_init": list(noprop.EMBEDDING_INITS), "schedule": ["learned", "fixed"],
+           "sampler": list(noprop.CT_SAMPLERS)}
 RUN_FLAGS = dict(  # the flags every script has besides the paper's hyperparameters
     dataset="mnist", data_dir="", offline=False, tfds=False, out="", checkpoint_dir="", resume=False, quiet=False,
     plot=False, train_eval=TRAIN_EVAL, devices=0, coordinator="", num_processes=1, process_id=0)  # one machine, or several (README)
-POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes", "label_scale")
+POSITIVE = ("batch_size", "eval_runs", "T", "steps", "lr", "num_processes", "label_scale", "log_snr_init")
 NON_NEGATIVE = ("epochs", "train_limit", "test_limit", "train_eval", "weight_decay", "eta", "devices", "cls_scale", "clip", "ema",
                 "process_id")
 # Table 4's epochs for MNIST, CIFAR-10, CIFAR-100 (Fashion-MNIST, not in the paper, takes MNIST's)
@@ -109,11 +116,31 @@ def check_combinations(p, args):
         p.error("--schedule is NoProp-CT's: the adjoint has no noise schedule")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    for flag, folder in (("--out", os.path.dirname(args.out) if args.out else None), ("--checkpoint-dir", args.checkpoint_dir or None)):
+        if folder is not None and (problem := unwritable(folder or ".")):  # found now, not after the first epoch
+            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}")
+    if args.out and os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder; name the JSON file to write")
     if getattr(args, "plot", False):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("--plot needs matplotlib, an optional extra: pip install matplotlib")
+
+
+def unwritable(folder):
+    """Why files cannot be written in `folder` (made if missing), or "" if they can."""
+    there = os.path.abspath(folder)
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return f"{there} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return ""
+    except OSError as e:
+        return f"cannot write there ({e.strerror})"
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

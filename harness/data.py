@@ -85,11 +85,13 @@ def load_dataset(name, data_dir=None, offline=False, use_tfds=False):
 def _read_npz(path):
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as e:
-        raise ValueError(f"{path}: missing array {e}; expected x_train, y_train, x_test, y_test")
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in f.files}
     except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, ...
         raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})")
+    if missing:
+        raise ValueError(f"{path}: missing array {', '.join(missing)}; expected x_train, y_train, x_test, y_test")
+    return arrays
 
 
 # --- Download: fetch, verify, convert, write atomically ---
@@ -207,6 +209,8 @@ def prepare_data(args):
         x_tr, y_tr = x_tr[:args.train_limit], y_tr[:args.train_limit]
     if args.test_limit:
         x_te, y_te = x_te[:args.test_limit], y_te[:args.test_limit]
+    if not len(x_te):
+        sys.exit(f"error: {args.dataset} has no test images in {args.data_dir}: nothing to evaluate on")
     if len(x_tr) < args.batch_size:
         sys.exit(f"error: {len(x_tr)} training examples is fewer than one batch of {args.batch_size}")
     import jax  # the rest of this module needs only numpy and the standard library

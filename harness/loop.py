@@ -18,7 +18,7 @@ import optax
 
 import noprop
 from harness import evaluate, processes
-from harness.checkpoint import resume, save_checkpoint
+from harness.checkpoint import atomic_write, resume, save_checkpoint
 
 
 def jit_step(loss_fn, optimizer, step=noprop.train_step, **kw):
@@ -123,7 +123,7 @@ def check_finite(epoch, losses, aux, tree, ckpt):
         return
     i = len(losses) - 1 if losses_ok else int(np.argmin(ok))
     bad = [k for k, v in aux.items() if not bool(np.isfinite(v[i]).all())] or ["parameters"]
-    kept = f"; last good checkpoint kept at {ckpt}" if ckpt else ""
+    kept = f"; last good checkpoint kept at {ckpt}" if ckpt and os.path.exists(ckpt) else "; no checkpoint written yet"
     sys.exit(f"error: non-finite loss at epoch {epoch + 1}, step {i + 1} (bad: {', '.join(bad)}){kept}")
 
 
@@ -192,7 +192,7 @@ def fit(args, variant, params, state, data, key):
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     x, y = jax.device_put(data[:2], replicated)  # the training set on every device; batches are gathered there
     run_steps = jit_step(variant.loss, optimizer, train_steps, batch_sharding=batch_sharding)
-    modes = evaluate.inference_modes(variant, getattr(args, "deterministic", False))
+    modes = evaluate.inference_modes(variant, "deterministic" if getattr(args, "deterministic", False) else "")
     if jax.process_count() > 1:
         print(processes.holdings(tree, args.variant), file=sys.stderr, flush=True)
     if len(record["history"]) < args.epochs and not args.quiet:
@@ -225,7 +225,6 @@ def write_epoch(ckpt, tree, record, out):
 def write_json(path, obj):
     """JSON written atomically: a reader never sees half a file. Returns obj."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
     return obj
+

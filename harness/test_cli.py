@@ -32,6 +32,20 @@ def test_bad_flags_exit_with_one_line_errors(argv, message, capsys, tmp_path):
     assert e.value.code not in (0, None) and message in last, last
 
 
+def test_unwritable_out_or_checkpoint_dir_is_refused_before_training(capsys, tmp_path):
+    import train_dt
+    write_npz(tmp_path / "mnist.npz")
+    (tmp_path / "file").write_text("")
+    for argv, message in ((["--out", str(tmp_path / "file" / "run.json")], "file is a file, not a folder"),
+                          (["--checkpoint-dir", str(tmp_path / "file" / "ck")], "file is a file, not a folder"),
+                          (["--checkpoint-dir", str(tmp_path / "file")], "file is a file, not a folder"),
+                          (["--out", str(tmp_path)], "is a folder; name the JSON file")):
+        with pytest.raises(SystemExit):
+            train_dt.main(["--data-dir", str(tmp_path)] + argv)
+        out, err = capsys.readouterr()
+        assert message in err.strip().splitlines()[-1] and "loading" not in out, err  # before the data, before training
+
+
 def test_help_gives_every_flag_a_meaning_and_its_default(capsys):
     import train_ct, train_dt, train_fm
     for script in (train_dt, train_ct, train_fm):
@@ -80,21 +94,61 @@ def test_incompatible_or_damaged_checkpoints_are_refused(tmp_path):
         tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--embedding", "dim20")
     with pytest.raises(SystemExit, match="was trained with --lr 0.001, this run has 0.002"):  # a silent mix otherwise
         tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--lr", "2e-3")
+    with pytest.raises(SystemExit, match=r"\['blocks'\].+ expected float32\(2, "):  # T = 1 there: one block's weights
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume", "--T", "2")
     data = (ck / "checkpoint.npz").read_bytes()
     (ck / "checkpoint.npz").write_bytes(data[:len(data) // 2])
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume")
 
 
-def test_nan_guard_names_epoch_step_and_term_and_keeps_last_checkpoint(tmp_path):
+def test_nan_guard_names_epoch_step_and_term_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 1, step \d+ \(bad: .+\); no checkpoint written yet"):
+        tiny_run(tmp_path, "--epochs", "2", "--lr", "1e30", "--checkpoint-dir", str(tmp_path / "ck0"))
     ck = tmp_path / "ck"
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch \d+, step \d+ \(bad: .+\); last good"):
-        tiny_run(tmp_path, "--epochs", "20", "--lr", "1e9", "--checkpoint-dir", str(ck))
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(ck))
+    from harness import data
+    load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a: (np.full_like(load(*a)[0], np.nan),) + load(*a)[1:])
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, step 1 \(bad: .+\); last good checkpoint kept at "
+                                         + str(ck / "checkpoint.npz")):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume")
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint_and_no_tmp(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(ck))
+    before = (ck / "checkpoint.npz").read_bytes()
+
+    def full_disk(f, **arrays):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(SystemExit, match="could not write .+checkpoint.npz: No space left on device"):
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(ck), "--resume")
+    assert os.listdir(ck) == ["checkpoint.npz"] and (ck / "checkpoint.npz").read_bytes() == before
 
 
 def test_devices_flag_must_divide_the_split_axis(tmp_path):
     with pytest.raises(SystemExit, match="--devices 3 must divide T = 1|only 1 device"):
         tiny_run(tmp_path, "--epochs", "1", "--devices", "3")
+
+
+def test_a_checkpoint_restores_with_the_optimiser_its_flags_built(tmp_path):
+    """viz.figures.restore rebuilds a run from its recorded flags (variants.from_args, as the scripts do): a CT run
+    with no clip and no weight average, whose optimiser state has another structure than the defaults'."""
+    import train_ct
+    from viz.figures import restore
+    write_npz(tmp_path / "mnist.npz", x_train=np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+              y_train=np.arange(64, dtype=np.uint8) % 10)
+    _, tree = train_ct.main(["--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--steps", "3",
+                             "--eval-runs", "1", "--quiet", "--clip", "0", "--ema", "0", "--log-snr-init", "3",
+                             "--checkpoint-dir", str(tmp_path / "ct")])
+    meta, _, restored, _, _ = restore(str(tmp_path / "ct" / "checkpoint.npz"), str(tmp_path))
+    assert meta["args"]["clip"] == 0
+    for a, b in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(restored["eval"])):  # no average: the weights
+        np.testing.assert_array_equal(a, b)
 
 
 # --- Figures (--plot; matplotlib is optional) ---
@@ -117,6 +171,6 @@ def test_plot_writes_curves_and_schedule_and_the_trajectories_of_a_checkpoint(tm
     assert (tmp_path / "t.png").stat().st_size > 10_000 and capsys.readouterr().out.endswith("t.png\n")
     import train_ct  # CT's figure: the chain on the run's own inference grid (--steps, from the checkpoint)
     train_ct.main(["--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--steps", "3", "--eval-runs", "1",
-                   "--quiet", "--checkpoint-dir", str(tmp_path / "ct")])
+                   "--quiet", "--clip", "0", "--checkpoint-dir", str(tmp_path / "ct")])  # --clip 0: another optimiser
     trajectories.main([str(tmp_path / "ct" / "checkpoint.npz"), "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -15,11 +15,23 @@ pytest_plugins = ["harness.testing"]
     (dict(y_train=np.array([0, 1, 2, 10], np.uint8)), "labels span 0..10"),
     (dict(x_train=np.zeros((4, 28, 28, 3), np.uint8)), "expected uint8(N, 28, 28, 1)"),
     (dict(x_test=np.zeros((2, 28, 28, 1), np.float64)), "images are float64"),
-    (dict(y_test=np.arange(3)), "expected integer (2,)")])
+    (dict(y_test=np.arange(3)), "expected integer (2,)"),
+    (dict(y_train=np.array([0, -1, 2, 3])), "labels span -1..3, expected 0..9")])
 def test_bad_dataset_files_are_refused(tmp_path, over, message):
     write_npz(tmp_path / "mnist.npz", **over)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         data.load_dataset("mnist", str(tmp_path))
+
+
+def test_missing_array_or_empty_test_split_is_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 28, 28, 1), np.uint8), y_train=np.arange(4, dtype=np.uint8),
+             x_test=np.zeros((2, 28, 28, 1), np.uint8))
+    with pytest.raises(ValueError, match="mnist.npz: missing array y_test; expected x_train"):
+        data.load_dataset("mnist", str(tmp_path))
+    write_npz(tmp_path / "mnist.npz", x_test=np.zeros((0, 28, 28, 1), np.uint8), y_test=np.zeros(0, np.uint8))
+    import train_dt
+    with pytest.raises(SystemExit, match="mnist has no test images in .+: nothing to evaluate on"):
+        train_dt.main(["--data-dir", str(tmp_path), "--batch-size", "2", "--quiet"])
 
 
 def test_good_npz_loads_and_corrupt_or_unknown_is_refused(tmp_path):

@@ -5,8 +5,9 @@ Each builder takes its variant's hyperparameters (defaults: the paper's Table 4)
 Variant whose functions have them bound:
   init(key, image_shape, m, embedding, x, y) -> (params, state)   x, y: the training set (prototype medoids)
   loss(params, state, key, x, y) -> (loss, (state, aux))          minimised by noprop.train_step
-  predict(params, state, key, x) -> class labels                 images only; stochastic=False where Eq. 3 has noise
+  predict(params, state, key, x) -> class labels                 images only; other samplers in `modes`
 """
+import inspect
 import math
 from functools import partial
 from typing import Callable, NamedTuple
@@ -18,13 +19,16 @@ import optax
 import noprop
 
 
+EQ3_MODES = (("stochastic", {"stochastic": True}), ("deterministic", {"stochastic": False}))  # DT: Eq. 3 with, without eps
+
+
 class Variant(NamedTuple):
     name: str
     init: Callable
     loss: Callable
     predict: Callable
     optimizer: optax.GradientTransformation
-    stochastic: bool = False  # predict takes stochastic= (Eq. 3's noise eps; on by default)
+    modes: tuple = ()  # the inference modes predict offers: (name, its keyword arguments) pairs; the first is the default
 
 
 # A DT block is an (init, apply) pair (noprop.py's conventions); the paper's is noprop.CNN_BLOCK (Fig. 6).
@@ -77,7 +81,7 @@ def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT
     blocks = dict(block_axis=block_axis, block=b, classifier=c)
     return Variant("NoProp-DT", partial(noprop.init_dt, T=T, block=b, embedding_init=embedding_init),
                    partial(noprop.loss_dt, sched=sched, eta=eta, **blocks), partial(noprop.predict_dt, sched=sched, **blocks),
-                   optax.adamw(lr, weight_decay=weight_decay), stochastic=True)
+                   optax.adamw(lr, weight_decay=weight_decay), EQ3_MODES)
 
 
 def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY):
@@ -88,11 +92,14 @@ def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis=
                    optax.adamw(lr, weight_decay=weight_decay))
 
 
-def ct(eta=1.0, steps=1000, clip=CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY, schedule="learned", label_scale=1.0):
-    """NoProp-CT (Eq. 9, Algorithm 2, Eq. 3 on a grid of `steps`), Adam with L2 decay; schedule: learned (App. B)
-    or fixed at its init; label_scale: noprop.init_fm's."""
-    return Variant("NoProp-CT", partial(noprop.init_ct, label_scale=label_scale), partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
-                   adam_l2(lr, weight_decay, clip, schedule), stochastic=True)
+def ct(eta=1.0, steps=1000, clip=CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY, schedule="learned", label_scale=1.0,
+       log_snr_init=noprop.LOG_SNR_INIT, sampler="deterministic"):
+    """NoProp-CT (Eq. 9, Algorithm 2, inference by `sampler` of noprop.CT_SAMPLERS on a grid of `steps`), Adam with
+    L2 decay; schedule: learned (App. B) or fixed at its init; label_scale, log_snr_init: noprop.init_ct's."""
+    modes = tuple((name, {"sampler": name}) for name in [sampler] + [s for s in noprop.CT_SAMPLERS if s != sampler])
+    return Variant("NoProp-CT", partial(noprop.init_ct, label_scale=label_scale, log_snr_init=log_snr_init),
+                   partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
+                   adam_l2(lr, weight_decay, clip, schedule), modes)
 
 
 def adjoint(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY, label_scale=1.0):
@@ -108,3 +115,11 @@ def fm(steps=1000, lr=LR, weight_decay=WEIGHT_DECAY):
 
 
 VARIANTS = {"dt": dt, "backprop": backprop, "ct": ct, "adjoint": adjoint, "fm": fm}
+
+
+def from_args(args):
+    """The Variant a run trains, from its flags: a script's parsed arguments, or the `args` a record or checkpoint
+    keeps. Each builder's parameters are named as the flags are; a flag the run did not record keeps its default."""
+    a = args if isinstance(args, dict) else vars(args)
+    build = VARIANTS[a["variant"]]
+    return build(**{k: a[k] for k in inspect.signature(build).parameters if k in a})

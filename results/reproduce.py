@@ -46,11 +46,15 @@ def command(row, seed, epochs, data_dir, ckpt_root, out_dir="results", extra=())
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
+CT_BEFORE_FLAGS = {"log_snr_init": 4.0, "sampler": "stochastic"}  # what CT runs recorded before these flags existed did
+
+
 def deviations(rec):
     """The flags of a run that differ from its script's defaults, the paper's settings: e.g. "--steps 20", or ""."""
     defaults = DEFAULTS[SCRIPT[rec["variant"]]]
     skip = NOT_SETTINGS | ({"clip", "ema"} if rec["variant"] == "adjoint" else set())  # train_ct.py sets both to 0
-    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in rec["args"].items()
+    args = {**(CT_BEFORE_FLAGS if rec["variant"] == "ct" else {}), **rec["args"]}
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in args.items()
                     if k in defaults and k not in skip and v != defaults[k])
 
 

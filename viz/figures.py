@@ -106,15 +106,14 @@ def restore(checkpoint, data_dir):
         ema = [k for k in f.files if k.endswith(".ema['classifier']['b']")]
     # the run's flags (checkpoints of older versions lack them: the defaults, and T = 10)
     meta["args"] = {"T": 10, "block": "cnn", "classifier": "softmax", "steps": 1000, **meta.get("args", {})}
-    T, block = meta["args"]["T"], meta["args"]["block"]
+    T = meta["args"]["T"]
     shape, m = DATASETS[meta["dataset"]]
     data = load_dataset(meta["dataset"], data_dir, offline=True)
     x, y = data[:2]
     if meta.get("train_limit"):
         x, y = x[:meta["train_limit"]], y[:meta["train_limit"]]
     k_init = jax.random.split(jax.random.PRNGKey(meta["seed"]))[0]  # the scripts' init key
-    build = variants.VARIANTS[meta["variant"]]
-    v = build(T=T, block=block) if meta["variant"] in ("dt", "backprop") else build()  # the optimisers' structure
+    v = variants.from_args({**meta["args"], "variant": meta["variant"]})  # the run's own optimiser (e.g. --clip 0)
     params, state = v.init(k_init, shape, m, meta["embedding"], x, y)
     opt = loop.with_ema(v.optimizer, 0.999 if ema else 0)  # the run evaluated a moving average (loop.track_ema)
     template = {"params": params, "state": state, "opt_state": opt.init(params)}

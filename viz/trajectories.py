@@ -24,7 +24,7 @@ def block_logits(params, state, x, zs, block="cnn"):
     return jax.lax.map(lambda a: variants.BLOCKS[block][1](a[0], a[1], x, a[2])[0], (params["blocks"], state, zs))
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "T", "block"))  # stochastic is traced: one compile for both
+@functools.partial(jax.jit, static_argnames=("variant", "T", "stochastic", "block"))
 def chain(variant, params, state, key, x, T, stochastic, block="cnn"):
     """predict_dt's or predict_ct's chain (same key, same z): (z_T, the path z_0 .. z_T, logits (T, B, m)
     of each block's guess of y on its input z_{t-1}). T: DT's blocks, or CT's grid steps."""
@@ -32,7 +32,7 @@ def chain(variant, params, state, key, x, T, stochastic, block="cnn"):
         zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap", variants.BLOCKS[block])
         guess = block_logits(params, state, x, path[:-1], block)
     else:  # CT: the model at grid time t_{k-1} on z_{k-1}, as ct_chain evaluates it
-        zT, path = noprop.ct_chain(params, key, x, T, stochastic)
+        zT, path = noprop.ct_chain(params, key, x, T, "stochastic" if stochastic else "deterministic")
         feats, t = noprop.continuous_features(params["model"], x), jnp.arange(T) / T
         guess = jax.lax.map(lambda a: noprop.continuous_logits(params["model"], feats, a[0], a[1][None], x.shape[1:]),
                             (path[:-1], t))
