@@ -42,7 +42,7 @@ if [ -n "${REHEARSE:-}" ]; then  # a scratch home and results folder; tiny runs 
   TINY=(--train-limit 256 --test-limit 100 --train-eval 100 --batch-size 32 --eval-runs 2)
   stages_dt="1 2" stages_ct="1 2" stages_mnist="1 2"
 else
-  python -c "import jax; assert jax.default_backend() == 'gpu', f'no GPU visible to jax: {jax.devices()}'" || exit 1
+  python -c "import jax, sys; jax.default_backend() == 'gpu' or sys.exit(f'error: no GPU visible to jax {jax.devices()}; REHEARSE=1 runs on a CPU')" || exit 1
   TINY=()
 fi
 OUT=${OUT:-$HOME}
