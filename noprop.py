@@ -8,8 +8,8 @@ Conventions, stated once (paper section 2, Eq. 6):
   the DDPM index convention, which is where most public implementations go wrong.
 - Shapes: images x (B, H, W, C) float32 in [0, 1]; labels y (B,) int; latents z (B, d).
 - Parameters are nested dicts of arrays. The T DT blocks are ONE pytree whose leaves carry a
-  leading axis T; they are trained together by one map over that axis (`map_blocks`: `jax.vmap`,
-  or the same map unrolled) and run at inference by a scan over it (`scan_blocks`).
+  leading axis T; they are trained together by one map over that axis (`map_blocks`, a `jax.vmap`)
+  and run at inference by a `lax.scan` over it (`eq3_chain`).
 - A DT block is an (init, apply) pair: init(key, image_shape, d, m) -> (params, BN state) and
   apply(params, state, x, z, key) -> (logits, state). CNN_BLOCK (Fig. 6) is the default; the DT
   and backprop functions take `block=` to train another one (harness/variants.py's BLOCKS adds an MLP).
@@ -50,14 +50,10 @@ def init_conv(key, c_in, c_out):
     return {"W": p["W"].reshape(3, 3, c_in, c_out), "b": p["b"]}
 
 
-KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # XLA compiler options (see conv3x3)
-
-
 def conv3x3(p, x):
-    """3x3 VALID convolution as im2col + one matmul, (B, H, W, C) -> (B, H-2, W-2, C_out): lax.conv's math with a
-    matmul backward, ~10x faster on XLA:CPU under vmap (bench/README.md). The barrier (kept by KEEP_BARRIERS,
-    which the training step is compiled with) makes XLA compute x once, not once per shifted slice."""
-    x = jax.lax.optimization_barrier(x)
+    """3x3 VALID convolution as im2col + one matmul, (B, H, W, C) -> (B, H-2, W-2, C_out): a 3x3 convolution is nine
+    shifted copies of the image side by side and one matmul. lax.conv's math, with a matmul backward, ~10x faster on
+    XLA:CPU under vmap (bench/README.md)."""
     H, W = x.shape[-3] - 2, x.shape[-2] - 2
     patches = jnp.concatenate([x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)], -1)
     return patches @ p["W"].reshape(-1, p["W"].shape[-1]) + p["b"]
@@ -97,33 +93,17 @@ def batchnorm(p, s, x, train):
     return (x - mean) * jax.lax.rsqrt(var + BN_EPS) * p["scale"] + p["bias"], s
 
 
-# --- The block axis: the T stacked DT blocks under one map, compiled one of two ways ---
+# --- The block axis: the T stacked DT blocks under one map ---
 
-BLOCK_AXES = ("auto", "vmap", "unroll")
+def map_blocks(f, xs):
+    """f(*xs_t) for every t of the leading (block) axis of xs, outputs stacked: jax.vmap(f)(*xs).
 
-
-def unrolled(block_axis="auto", scan=False):
-    """Whether map_blocks (or, scan=True, scan_blocks) unrolls the block axis; block_axis "unroll", "vmap" or "auto":
-    the faster form (bench/README.md), both unrolled on one CPU; on one GPU vmap for the map (DT's step 3.0 ms,
-    5.5 unrolled), unrolled for the scan (backprop 5.6 ms, 8.8 rolled); over several devices neither."""
-    if block_axis not in BLOCK_AXES:
-        raise ValueError(f"block_axis must be one of {BLOCK_AXES}, got {block_axis!r}")
-    one_device = jax.device_count() == 1 and (scan or jax.default_backend() == "cpu")
-    return block_axis == "unroll" or (block_axis == "auto" and one_device)
-
-
-def map_blocks(f, xs, block_axis="auto"):
-    """f(*xs_t) for every t of the leading (block) axis of xs, outputs stacked: jax.vmap(f)(*xs), or the same
-    map written out as a Python loop over t. Same result, same gradients (tested)."""
-    if not unrolled(block_axis):
+    On a single CPU the same map is written out as a loop over t, which XLA:CPU runs faster (T ordinary
+    convolutions rather than one batched one; bench/README.md). Same values and gradients (tested)."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return jax.vmap(f)(*xs)
     outs = [f(*jax.tree.map(lambda a: a[t], xs)) for t in range(jax.tree.leaves(xs)[0].shape[0])]
     return jax.tree.map(lambda *o: jnp.stack(o), *outs)
-
-
-def scan_blocks(step, init, xs, block_axis="auto"):
-    """lax.scan of step over the block axis of xs; unrolled into straight-line code as map_blocks is."""
-    return jax.lax.scan(step, init, xs, unroll=unrolled(block_axis, scan=True))
 
 
 # --- Architecture (Fig. 6; parameter counts of v2 Table 5) ---
@@ -326,7 +306,7 @@ def init_dt(key, image_shape, m, embedding="onehot", x=None, y=None, T=10, block
             **init_embedding(k_emb, embedding, m, image_shape, x, y, embedding_init)}, state
 
 
-def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto", block=CNN_BLOCK, classifier=linear_logits):
+def loss_dt(params, state, key, x, y, sched, eta=0.1, block=CNN_BLOCK, classifier=linear_logits):
     """Sum over blocks t = 1..T of L_t (Eq. 61), all T blocks at once under one map_blocks.
 
     L_t = CE(p(y | z_T)) + KL(q(z_0|y) || p(z_0)) + (T/2) eta (SNR(t) - SNR(t-1)) |u_hat_t - u_y|^2,
@@ -348,16 +328,16 @@ def loss_dt(params, state, key, x, y, sched, eta=0.1, block_axis="auto", block=C
         ce = cross_entropy(classifier(params, sample_q(k_T, u_y, ab[-1])), y)
         return ce, jnp.mean(((u_hat - u_y) ** 2).sum(-1)), bn
 
-    ce, l2, state = map_blocks(block_loss, (params["blocks"], state, jax.random.split(key, T), ab[:-1]), block_axis)
+    ce, l2, state = map_blocks(block_loss, (params["blocks"], state, jax.random.split(key, T), ab[:-1]))
     kl = jnp.mean(kl_z0(u_y, ab[0]))
     L_t = ce + kl + 0.5 * T * eta * dsnr * l2
     return L_t.sum(), (state, {"L_t": L_t, "ce": ce.mean(), "kl": kl, "l2": l2})
 
 
-def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
-    """Eq. 3 from z_0: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t (eps_t = 0 if not stochastic),
-    xs scanned beside the coefficients: DT's stacked blocks, or CT's time grid (1000 steps: a rolled loop,
-    block_axis "vmap"). Returns z_T and the path (T, B, d)."""
+def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True):
+    """Eq. 3 from z_0 as a lax.scan: z_t = a_t u_hat(xs_t, z_{t-1}) + b_t z_{t-1} + sqrt(c_t) eps_t (eps_t = 0 if not
+    stochastic), xs scanned beside the coefficients: DT's stacked blocks, or CT's time grid. Returns z_T and the
+    path (T, B, d)."""
     eps = jax.random.normal(key, (sched["a"].shape[0],) + z0.shape) * stochastic
 
     def step(z, inp):
@@ -365,10 +345,10 @@ def eq3_chain(key, z0, sched, u_hat_fn, xs, stochastic=True, block_axis="vmap"):
         z = a * u_hat_fn(xs_t, z) + b * z + jnp.sqrt(c) * e
         return z, z
 
-    return scan_blocks(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps), block_axis)
+    return jax.lax.scan(step, z0, (xs, sched["a"], sched["b"], sched["c"], eps))
 
 
-def dt_chain(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK):
+def dt_chain(params, state, key, x, sched, stochastic=True, block=CNN_BLOCK):
     """Eq. 3 over the blocks from z_0 ~ N(0, I), from images alone: z_T and the path z_0 .. z_T (T + 1, B, d)."""
     W = class_embeddings(params)
     k0, k_eps = jax.random.split(key)
@@ -377,14 +357,13 @@ def dt_chain(params, state, key, x, sched, stochastic=True, block_axis="auto", b
     def u_hat(theta_and_bn, z):
         return jax.nn.softmax(block[1](*theta_and_bn, x, z)[0]) @ W
 
-    zT, path = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic, block_axis)
+    zT, path = eq3_chain(k_eps, z0, sched, u_hat, (params["blocks"], state), stochastic)
     return zT, jnp.concatenate([z0[None], path])  # (jit drops the path where a caller does not use it)
 
 
-def predict_dt(params, state, key, x, sched, stochastic=True, block_axis="auto", block=CNN_BLOCK,
-               classifier=linear_logits):
+def predict_dt(params, state, key, x, sched, stochastic=True, block=CNN_BLOCK, classifier=linear_logits):
     """Class predictions from images alone: argmax p(y|z_T) at the end of dt_chain."""
-    return jnp.argmax(classifier(params, dt_chain(params, state, key, x, sched, stochastic, block_axis, block)[0]), -1)
+    return jnp.argmax(classifier(params, dt_chain(params, state, key, x, sched, stochastic, block)[0]), -1)
 
 
 # --- NoProp-CT: model (Fig. 6 right), learned schedule (App. B), objective (Eq. 9), inference ---
@@ -629,8 +608,9 @@ def init_backprop(key, image_shape, m, embedding="onehot", x=None, y=None, T=10,
     return params, state
 
 
-def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto", block=CNN_BLOCK):
-    """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan.
+def backprop_chain(params, state, x, z0, drop_keys=None, block=CNN_BLOCK):
+    """Eq. 18: z_t = (1 - a_t) z_{t-1} + a_t u_hat_t(z_{t-1}, x), a_t = tanh(w_t), as a lax.scan (unrolled: T is
+    small, and the unrolled chain runs ~1.6x faster on a CPU and on a GPU, bench/README.md).
 
     drop_keys (T, 2) for training, None for evaluation. Returns (z_T, new BN state).
     """
@@ -641,22 +621,22 @@ def backprop_chain(params, state, x, z0, drop_keys=None, block_axis="auto", bloc
         logits, bn = block[1](theta, bn, x, z, k)
         return (1 - jnp.tanh(w)) * z + jnp.tanh(w) * (jax.nn.softmax(logits) @ W), bn
 
-    return scan_blocks(step, z0, (params["blocks"], state, params["w"], drop_keys), block_axis)
+    return jax.lax.scan(step, z0, (params["blocks"], state, params["w"], drop_keys), unroll=True)
 
 
-def loss_backprop(params, state, key, x, y, block_axis="auto", block=CNN_BLOCK):
+def loss_backprop(params, state, key, x, y, block=CNN_BLOCK):
     """Cross-entropy of p(y | z_T) (Eq. 19) through the whole chain: gradients cross all blocks."""
     k0, k_drop = jax.random.split(key)
     z0 = jax.random.normal(k0, (x.shape[0], class_embeddings(params).shape[1]))
-    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]), block_axis, block)
+    zT, state = backprop_chain(params, state, x, z0, jax.random.split(k_drop, params["w"].shape[0]), block)
     ce = cross_entropy(dense(params["classifier"], zT), y)
     return ce, (state, {"ce": ce})
 
 
-def predict_backprop(params, state, key, x, block_axis="auto", block=CNN_BLOCK):
+def predict_backprop(params, state, key, x, block=CNN_BLOCK):
     """argmax p(y | z_T) after the chain from z_0 ~ N(0, I), from images alone."""
     z0 = jax.random.normal(key, (x.shape[0], class_embeddings(params).shape[1]))
-    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0, None, block_axis, block)[0]), -1)
+    return jnp.argmax(dense(params["classifier"], backprop_chain(params, state, x, z0, None, block)[0]), -1)
 
 
 # --- Adjoint baseline (Sec. 4, Table 1): a neural ODE trained by the adjoint method (Chen et al. 2018) ---

@@ -170,7 +170,15 @@ def test_posterior_classifier_is_eq16_and_sure_of_an_exact_embedding():
 
 
 # --- DT objective (Eq. 8 / Eq. 61), the blocks, and the backprop baseline (Eqs. 17-19) ---
-# (block_axis="vmap" compiles one block, not T: the two forms agree, as the last test here shows)
+# (map_blocks loops over the blocks on one CPU and vmaps them elsewhere; `form` fixtures run both: same numbers)
+
+
+@pytest.fixture(params=["vmap", "loop"])
+def form(request, monkeypatch):
+    """The two forms of noprop.map_blocks: told of another backend, it maps the blocks by jax.vmap, as on a GPU."""
+    if request.param == "vmap":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    return request.param
 
 def tiny_dt(T=3, embedding="onehot"):
     params, state = noprop.init_dt(KEY, TINY, 4, embedding, T=T)
@@ -178,14 +186,14 @@ def tiny_dt(T=3, embedding="onehot"):
     return params, state, x, jnp.arange(8) % 4, noprop.cosine_schedule(T)
 
 
-@pytest.mark.parametrize("block,form", [("cnn", "vmap"), ("cnn", "unroll"), ("mlp", "vmap")])
+@pytest.mark.parametrize("block", ["cnn", "mlp"])
 def test_block_t_loss_has_zero_gradient_for_every_other_block(block, form):
     """Any block (an init/apply pair), either compile form: theta_t gets dL_t only, the shared classifier and
     W_embed every L_t."""
     b = variants.BLOCKS[block]
     params, state = noprop.init_dt(KEY, TINY, 4, "dim20", T=3, block=b)
     x, y, sched = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4, noprop.cosine_schedule(3)
-    jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block_axis=form, block=b)[1][1]["L_t"]))(params)
+    jac = jax.jit(jax.jacrev(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched, block=b)[1][1]["L_t"]))(params)
     for t in range(3):  # jac leaves: (L_t index, block index, ...)
         for s in range(3):
             norm = sum(float(jnp.abs(leaf[t, s]).sum()) for leaf in jax.tree.leaves(jac["blocks"]))
@@ -217,11 +225,10 @@ def np_cross_entropy(logits, y):
                          - logits[np.arange(len(y)), y]))
 
 
-@pytest.mark.parametrize("form", ["vmap", "unroll"])
 def test_one_optimiser_step_moves_block_t_by_its_own_L_t_alone(form):
     """Through the scripts' compiled step and optimiser (AdamW): block t's update from sum_t L_t equals its update
     from L_t alone. A step that mixed blocks (a global-norm clip, say) would fail this."""
-    v = variants.dt(T=3, block_axis=form)
+    v = variants.dt(T=3)
     params, state = v.init(KEY, TINY, 4, "dim20")
     x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
 
@@ -296,7 +303,7 @@ def test_eq3_runs_block_t_on_z_t_minus_1_with_its_own_coefficients():
 def test_backprop_baseline_sends_gradient_through_every_block_and_it_is_the_loss_gradient():
     params, state = noprop.init_backprop(KEY, TINY, 4, T=3)
     x, y = jax.random.uniform(KEY, (16,) + TINY), jnp.arange(16) % 4
-    loss_and_grad = jax.jit(jax.value_and_grad(lambda p: noprop.loss_backprop(p, state, KEY, x, y, "vmap")[0]))
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p: noprop.loss_backprop(p, state, KEY, x, y)[0]))
     loss, g = loss_and_grad(params)
     for s in range(3):  # unlike NoProp's L_t: the one loss reaches every block and every w_t
         assert sum(float(jnp.abs(leaf[s]).sum()) for leaf in jax.tree.leaves(g["blocks"])) > 0
@@ -324,23 +331,18 @@ def test_eq18_backprop_chain_is_the_mixing_recurrence():
     np.testing.assert_allclose(zT, z, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["dt", "backprop"])
-def test_unrolled_block_axis_computes_what_vmap_and_scan_compute(method):
-    """map_blocks / scan_blocks: the unrolled loop is the same map as vmap and the same chain as lax.scan."""
-    if method == "dt":
-        params, state, x, y, sched = tiny_dt(embedding="dim20")
-        loss = functools.partial(noprop.loss_dt, sched=sched)
-        predict = functools.partial(noprop.predict_dt, sched=sched)
-    else:
-        params, state = noprop.init_backprop(KEY, TINY, 4, "dim20", T=3)
-        x, y = jax.random.uniform(KEY, (8,) + TINY), jnp.arange(8) % 4
-        loss, predict = noprop.loss_backprop, noprop.predict_backprop
+def test_map_blocks_loop_computes_what_vmap_computes(monkeypatch):
+    """noprop.map_blocks: the loop over the blocks (one CPU) is the same map as jax.vmap (elsewhere): loss, BN state,
+    per-block terms, gradients and the chain's predictions."""
+    params, state, x, y, sched = tiny_dt(embedding="dim20")
     outs = {}
-    for form in ("vmap", "unroll"):
-        grad = jax.value_and_grad(lambda p: loss(p, state, KEY, x, y, block_axis=form), has_aux=True)
+    for form in ("loop", "vmap"):
+        if form == "vmap":
+            monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        grad = jax.value_and_grad(lambda p: noprop.loss_dt(p, state, KEY, x, y, sched), has_aux=True)
         (value, (new_state, aux)), g = jax.jit(grad)(params)
-        outs[form] = (value, new_state, aux, g, jax.jit(functools.partial(predict, block_axis=form))(params, state, KEY, x))
-    (v1, s1, a1, g1, p1), (v2, s2, a2, g2, p2) = outs["vmap"], outs["unroll"]
+        outs[form] = (value, new_state, aux, g, jax.jit(noprop.predict_dt)(params, state, KEY, x, sched))
+    (v1, s1, a1, g1, p1), (v2, s2, a2, g2, p2) = outs["vmap"], outs["loop"]
     assert float(v1) > 0 and sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g1["blocks"])) > 0
     # float tolerance, on the scale of all the gradients (biases before batch norm have gradient 0 in exact
     # math and float noise here) and of each other array
@@ -350,18 +352,6 @@ def test_unrolled_block_axis_computes_what_vmap_and_scan_compute(method):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
     np.testing.assert_array_equal(p1, p2)
-    with pytest.raises(ValueError, match="block_axis"):
-        noprop.unrolled("scan")
-
-
-def test_auto_block_axis_takes_the_form_each_backend_runs_faster(monkeypatch):
-    """auto (bench/README.md): a CPU unrolls the map and the scan; one GPU maps by vmap but unrolls the scan;
-    several devices keep the block axis whole; a forced form is taken as asked."""
-    for backend, devices, expect in (("cpu", 1, (True, True)), ("gpu", 1, (False, True)), ("gpu", 2, (False, False))):
-        monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        monkeypatch.setattr(jax, "device_count", lambda: devices)
-        assert (noprop.unrolled(), noprop.unrolled(scan=True)) == expect, (backend, devices)
-        assert noprop.unrolled("unroll") and not noprop.unrolled("vmap", scan=True)
 
 
 def adjoint_problem(steps, adjoint):
@@ -402,7 +392,7 @@ def test_variants_table_defaults_are_the_scripts_and_the_papers():
     """One table (harness.variants) builds what every script, benchmark and restore trains: its defaults are
     Table 4's, as the scripts' flags state them."""
     import train_ct, train_dt, train_fm
-    for build, script, keys in ((variants.dt, train_dt, ("T", "eta", "block", "block_axis", "lr", "weight_decay")),
+    for build, script, keys in ((variants.dt, train_dt, ("T", "eta", "block", "lr", "weight_decay")),
                                 (variants.ct, train_ct, ("eta", "steps", "clip", "lr", "weight_decay", "schedule", "label_scale",
                                                           "log_snr_init", "sampler")),
                                 (variants.fm, train_fm, ("steps", "lr", "weight_decay"))):
@@ -426,7 +416,7 @@ def test_prediction_functions_take_no_labels():
 
 SLICE = ["--data-dir", DATA, "--offline", "--lr", "2e-3", "--train-limit", "2048", "--test-limit", "1000", "--train-eval", "0",
          "--quiet"]
-DT_SLICE = [*SLICE, "--T", "2", "--batch-size", "16", "--epochs", "2", "--eval-runs", "2", "--block-axis", "vmap"]
+DT_SLICE = [*SLICE, "--T", "2", "--batch-size", "16", "--epochs", "2", "--eval-runs", "2"]
 DT_RUN = ("dt_slice", ["train_dt.py", *DT_SLICE, "--out", TMP + "/dt.json", "--checkpoint-dir", TMP + "/dt"])
 
 

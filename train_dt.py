@@ -16,7 +16,6 @@ DEFAULTS = dict(  # paper Table 3 (v2 Table 4), NoProp-DT and Backprop rows
     batch_size=128, lr=1e-3, weight_decay=1e-3,  # AdamW
     T=10, eta=0.1, block="cnn",  # the block of Fig. 6 (noprop.CNN_BLOCK)
     classifier="softmax", embedding_init="prototype",  # Eq. 14, medoids: the paper's; v2 Figs. 6-7 ablate them
-    block_axis="auto",  # how the T blocks compile (noprop.map_blocks): same numbers, the fastest form by default
     seed=0, eval_runs=5,  # Table 1: 5 inference runs per seed, mean +- standard error
     train_limit=0, test_limit=0, deterministic=False,
     **cli.RUN_FLAGS,  # data, output, checkpoints, devices and processes

@@ -10,7 +10,7 @@ Shapes are MNIST's (28x28x1, 10 classes, batch 128) and CIFAR-10's (32x32x3), ra
 inputs: time does not depend on the values. With torch installed (optional), each step that has a
 PyTorch reference (bench/torch_ref.py) is timed beside it in the same run. FLOPs are XLA's own count of the compiled program (cost_analysis).
 """
-import argparse, functools, json, os, platform, sys, time
+import argparse, contextlib, functools, json, os, platform, sys, time
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +46,32 @@ def matmul_rate(n, reps):
 
 
 SHAPES = {"MNIST": ((28, 28, 1), 10), "CIFAR-10": ((32, 32, 3), 10)}
-CIFAR_ROWS = ("noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "backprop_scan", "backprop_unroll",
+CIFAR_ROWS = ("noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "backprop_unroll",
               "noprop_ct", "noprop_fm")  # CIFAR-10's shapes: the steps with a PyTorch reference
 
 
 def train_steps(shape, m, T, key, ode_steps):
     """name -> (init, loss, optimizer, PyTorch reference kind or None) of every training step measured,
-    from the variants table (harness.variants); both forms of the block axis for DT and backprop."""
-    rows = {"noprop_dt_all_blocks_vmap": (variants.dt(T, block_axis="vmap"), "dt"),
-            "noprop_dt_all_blocks_unroll": (variants.dt(T, block_axis="unroll"), "dt"),
+    from the variants table (harness.variants); both forms of noprop.map_blocks for DT (block_form)."""
+    rows = {"noprop_dt_all_blocks_vmap": (variants.dt(T), "dt"),
+            "noprop_dt_all_blocks_unroll": (variants.dt(T), "dt"),
             "noprop_dt_one_block": (variants.dt(1), None),
-            "backprop_scan": (variants.backprop(T, block_axis="vmap"), "backprop"),
-            "backprop_unroll": (variants.backprop(T, block_axis="unroll"), "backprop"),
+            "backprop_unroll": (variants.backprop(T), "backprop"),
             "noprop_ct": (variants.ct(), "ct"), "noprop_fm": (variants.fm(), "fm"), "adjoint": (variants.adjoint(ode_steps), None)}
     return {name: (v.init(key, shape, m), v.loss, v.optimizer, ref) for name, (v, ref) in rows.items()}
+
+
+@contextlib.contextmanager
+def block_form(name):
+    """noprop.map_blocks takes its form from the backend (a loop over the blocks on one CPU, jax.vmap elsewhere):
+    while a row named *_vmap or *_unroll compiles, it is told the backend that gives that form."""
+    real = jax.default_backend
+    if name.endswith(("_vmap", "_unroll")):
+        jax.default_backend = lambda: "gpu" if name.endswith("_vmap") else "cpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = real
 
 
 def compiled_step(params, state, loss, opt, key, x, y):
@@ -76,16 +88,16 @@ def bench_steps(shape, m, B, T, reps, rate, key, ode_steps, memory_only=False, o
     for name, ((params, state), loss, opt, ref) in train_steps(shape, m, T, key, ode_steps).items():
         if only and name not in only:
             continue
-        compiled, args = compiled_step(params, state, loss, opt, key, x, y)
+        with block_form(name):
+            compiled, args = compiled_step(params, state, loss, opt, key, x, y)
         mem = compiled.memory_analysis()
         if memory_only:
             rows[name] = {"temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20}
             print(f"{name:28s} temporaries {rows[name]['temp_mb']:8.1f} MB", flush=True)
             continue
         s = seconds(compiled, *args, reps=reps)
-        # XLA counts a loop body once: the rolled backprop scan runs it T times; the adjoint's loops mix
-        # with the image path outside them, so its count means nothing (None)
-        flops = None if name == "adjoint" else cost(compiled) * (T if name == "backprop_scan" else 1)
+        # the adjoint's loops mix with the image path outside them (XLA counts a loop body once): no count
+        flops = None if name == "adjoint" else cost(compiled)
         rows[name] = {"ms_per_step": 1000 * s, "images_per_s": B / s, "gflop_per_step": flops and flops / 1e9,
                       "fraction_of_matmul_rate": flops and rate and flops / s / rate,
                       "temp_mb": mem.temp_size_in_bytes / 2 ** 20, "argument_mb": mem.argument_size_in_bytes / 2 ** 20,
@@ -130,8 +142,9 @@ def bench_scaling(shape, m, key, reps, Ts=(1, 2, 5, 10, 20), batches=(32, 128, 5
             x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
             row = {"T": T, "batch": B}
             for form in ("vmap", "unroll"):
-                v = variants.dt(T, block_axis=form)
-                compiled, args = compiled_step(params, state, v.loss, v.optimizer, key, x, y)
+                v = variants.dt(T)
+                with block_form(f"dt_{form}"):
+                    compiled, args = compiled_step(params, state, v.loss, v.optimizer, key, x, y)
                 row[f"{form}_ms"] = 1000 * seconds(compiled, *args, reps=reps)
             print(f"  T={T:2d} batch {B:3d}: vmap {row['vmap_ms']:7.0f} ms, unroll {row['unroll_ms']:7.0f} ms", flush=True)
             rows.append(row)
@@ -145,7 +158,8 @@ def profile_step(shape, m, B, T, key, reps=3, form="unroll"):
     import collections, glob, gzip, re, tempfile
     (params, state), loss, opt, _ = train_steps(shape, m, T, key, 5)[f"noprop_dt_all_blocks_{form}"]
     x, y = jax.random.uniform(key, (B,) + shape), jax.random.randint(key, (B,), 0, m)
-    compiled, args = compiled_step(params, state, loss, opt, key, x, y)
+    with block_form(f"dt_{form}"):
+        compiled, args = compiled_step(params, state, loss, opt, key, x, y)
     jax.block_until_ready(compiled(*args))
     origin = dict(re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', compiled.as_text()))
     with tempfile.TemporaryDirectory() as d:

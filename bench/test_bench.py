@@ -11,8 +11,8 @@ pytest_plugins = ["harness.testing"]
 
 # every mode on tiny shapes in one process (--tiny adds the profile; FAST_COMPILE: these test meaning, not speed)
 BENCH = ["-m", "bench.speed", "--tiny", "--out", TMP + "/bench.json"]
-STEPS = {"noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "noprop_dt_one_block", "backprop_scan",
-         "backprop_unroll", "noprop_ct", "noprop_fm", "adjoint"}
+STEPS = {"noprop_dt_all_blocks_vmap", "noprop_dt_all_blocks_unroll", "noprop_dt_one_block", "backprop_unroll",
+         "noprop_ct", "noprop_fm", "adjoint"}
 
 
 @pytest.mark.subprocess("bench", BENCH, env={"XLA_FLAGS": FAST_COMPILE})
@@ -28,8 +28,8 @@ def test_bench_speed_runs_end_to_end_on_tiny_shapes(subprocess_result):
     # the all-blocks step does T times the one-block work, in either form of the block axis
     for form in ("vmap", "unroll"):
         assert 1.5 < s[f"noprop_dt_all_blocks_{form}"]["gflop_per_step"] / s["noprop_dt_one_block"]["gflop_per_step"] < 2.5
-    # the rolled scan's count is one block's times T (the optimiser's share too, so a little more)
-    np.testing.assert_allclose(s["backprop_scan"]["gflop_per_step"], s["backprop_unroll"]["gflop_per_step"], rtol=0.15)
+    # the backprop chain does the DT step's forward work and backward through it: about the same count
+    np.testing.assert_allclose(s["backprop_unroll"]["gflop_per_step"], s["noprop_dt_all_blocks_unroll"]["gflop_per_step"], rtol=0.3)
     if importlib.util.find_spec("torch"):  # the PyTorch references, where torch is installed
         assert all(s[k]["speed_vs_pytorch"] > 0 for k in STEPS - {"noprop_dt_one_block", "adjoint"})
     assert out["dispatch"]["train_steps_steps_per_s"] > 0 and out["inference"]["features_once"]["ct"]["speedup"] > 0
@@ -54,7 +54,7 @@ def test_memory_of_every_training_step_and_one_block_holds_less_than_backprop(su
     r = subprocess_result("bench")
     temp = {k: v["temp_mb"] for k, v in json.load(open(r.args[r.args.index("--out") + 1]))["train_step"]["tiny"].items()}
     assert set(temp) == STEPS
-    assert temp["noprop_dt_one_block"] < min(temp["backprop_scan"], temp["backprop_unroll"]) and all(v > 0 for v in temp.values())
+    assert temp["noprop_dt_one_block"] < temp["backprop_unroll"] and all(v > 0 for v in temp.values())
 
 
 # bench/gpu.sh's rehearsal on a tiny MNIST-shaped file: split into parts and joined back (checked by SHA-256), one

@@ -28,9 +28,6 @@ HELP = {
                   f"sigma = {noprop.POSTERIOR_SIGMA})",
     "embedding_init": "W_embed's init for --embedding prototype: prototype (class medoids), or orthogonal or random "
                       "rows of the medoids' mean norm",
-    "block_axis": "how the T blocks are compiled, same numbers either way: vmap (one batched program), unroll (T "
-                  "ordinary ones: faster on a CPU), or auto (unroll on one CPU device; on one GPU vmap DT's blocks but "
-                  "unroll the backprop chain's scan; vmap over several devices)",
     "eta": "weight eta of the denoising term (Eq. 8 for DT, Eq. 9 for CT)",
     "steps": "inference steps on [0, 1]",
     "clip": "CT only: clip the global gradient norm at this value; 0 = no clipping",
@@ -59,7 +56,7 @@ HELP = {
     "num_processes": "processes taking part, each with its own devices (1: this process alone)",
     "process_id": "this process's rank, 0 .. --num-processes - 1; process 0 prints, writes and checkpoints",
 }
-CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"], "block_axis": list(noprop.BLOCK_AXES),
+CHOICES = {"dataset": list(DATASETS), "embedding": ["onehot", "dim20", "prototype"],
            "block": list(BLOCKS), "classifier": list(noprop.CLASSIFIERS),
            "embedding_init": list(noprop.EMBEDDING_INITS), "schedule": ["learned", "fixed"],
            "sampler": list(noprop.CT_SAMPLERS)}

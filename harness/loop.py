@@ -22,10 +22,8 @@ from harness.checkpoint import atomic_write, resume, save_checkpoint
 
 
 def jit_step(loss_fn, optimizer, step=noprop.train_step, **kw):
-    """jax.jit of a training step (noprop.train_step, or train_steps) as the scripts compile it: on a CPU,
-    with noprop.KEEP_BARRIERS."""
-    options = noprop.KEEP_BARRIERS if jax.default_backend() == "cpu" else None
-    return jax.jit(functools.partial(step, loss_fn=loss_fn, optimizer=optimizer, **kw), compiler_options=options)
+    """jax.jit of a training step (noprop.train_step, or train_steps) as the scripts compile it."""
+    return jax.jit(functools.partial(step, loss_fn=loss_fn, optimizer=optimizer, **kw))
 
 
 def train_steps(tree, keys, batches, x, y, *, loss_fn, optimizer, batch_sharding=None):
@@ -141,10 +139,8 @@ IDENT = ("variant", "dataset", "embedding", "seed", "batch_size", "train_limit")
 
 
 def new_record(args, n_dev):
-    """The run's JSON record before its first epoch: settings (block_axis "auto" resolved), versions, devices."""
+    """The run's JSON record before its first epoch: settings, versions, devices."""
     settings = vars(args).copy()
-    if settings.get("block_axis") == "auto":
-        settings["block_axis"] = "unroll" if noprop.unrolled(scan=args.variant == "backprop") else "vmap"
     return {**{k: settings[k] for k in IDENT}, "args": settings, "jax": jax.__version__,
             "device": jax.devices()[0].device_kind, "devices": n_dev, "processes": jax.process_count(),
             "history": [], "train_seconds": 0.0}

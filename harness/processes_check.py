@@ -46,7 +46,7 @@ def finish(procs):
 
 
 # 2 processes hold a block each: vmap, so 1 too; the MLP block, as the check is of the processes, not the block
-dt = ["train_dt.py", "--T", "2", "--block", "mlp", "--block-axis", "vmap"]
+dt = ["train_dt.py", "--T", "2", "--block", "mlp"]
 ck = ["--checkpoint-dir", os.path.join(tmp, "ck")]
 groups = {"dt_1": start(*dt[:1], "dt_1", 1, *dt[1:], "--epochs", "2"),
           "mpirun": start(*dt[:1], "dt_2", 2, *dt[1:], "--epochs", "1", *ck, mpirun=True),  # found by environment

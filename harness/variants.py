@@ -74,19 +74,19 @@ def adam_l2(lr, weight_decay, clip=0.0, schedule="learned"):
                        optax.add_decayed_weights(weight_decay, where(lambda k: k != "schedule")), *clipping, optax.adam(lr))
 
 
-def dt(T=10, eta=0.1, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
+def dt(T=10, eta=0.1, block="cnn", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
        embedding_init="prototype"):
     """NoProp-DT (Eq. 8, Algorithm 1, Eq. 3 inference), AdamW; classifier and embedding_init: Figs. 6, 7 of v2."""
     sched, b, c = noprop.cosine_schedule(T), BLOCKS[block], noprop.CLASSIFIERS[classifier]
-    blocks = dict(block_axis=block_axis, block=b, classifier=c)
+    blocks = dict(block=b, classifier=c)
     return Variant("NoProp-DT", partial(noprop.init_dt, T=T, block=b, embedding_init=embedding_init),
                    partial(noprop.loss_dt, sched=sched, eta=eta, **blocks), partial(noprop.predict_dt, sched=sched, **blocks),
                    optax.adamw(lr, weight_decay=weight_decay), EQ3_MODES)
 
 
-def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", block_axis="auto", lr=LR, weight_decay=WEIGHT_DECAY):
+def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", lr=LR, weight_decay=WEIGHT_DECAY):
     """The same blocks chained (Eqs. 17-19) and trained end to end by backprop, AdamW."""
-    blocks = dict(block_axis=block_axis, block=BLOCKS[block])
+    blocks = dict(block=BLOCKS[block])
     return Variant("Backprop", partial(noprop.init_backprop, T=T, cls_scale=cls_scale, block=blocks["block"]),
                    partial(noprop.loss_backprop, **blocks), partial(noprop.predict_backprop, **blocks),
                    optax.adamw(lr, weight_decay=weight_decay))

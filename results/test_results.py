@@ -28,7 +28,7 @@ def test_the_chain_of_the_figures_and_chain_gap_is_predicts_and_each_block_sees_
     for stochastic in (False, True):
         zT, path, logits = trajectories.chain("dt", params, state, KEY, x, 3, stochastic)
         preds = jnp.argmax(noprop.dense(params["classifier"], zT), -1)
-        np.testing.assert_array_equal(preds, noprop.predict_dt(params, state, KEY, x, sched, stochastic, "vmap"))
+        np.testing.assert_array_equal(preds, noprop.predict_dt(params, state, KEY, x, sched, stochastic))
         assert path.shape == (4, 8, 4) and bool(jnp.all(path[-1] == zT))
         assert logits.shape == (3, 8, 4) and bool(jnp.all(logits[2].argmax(-1) == 3))
         assert not bool(jnp.any(logits[1].argmax(-1) == 3))  # per block, not the chain's end

@@ -29,7 +29,7 @@ def chain(variant, params, state, key, x, T, stochastic, block="cnn"):
     """predict_dt's or predict_ct's chain (same key, same z): (z_T, the path z_0 .. z_T, logits (T, B, m)
     of each block's guess of y on its input z_{t-1}). T: DT's blocks, or CT's grid steps."""
     if variant == "dt":
-        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, "vmap", variants.BLOCKS[block])
+        zT, path = noprop.dt_chain(params, state, key, x, noprop.cosine_schedule(T), stochastic, variants.BLOCKS[block])
         guess = block_logits(params, state, x, path[:-1], block)
     else:  # CT: the model at grid time t_{k-1} on z_{k-1}, as ct_chain evaluates it
         zT, path = noprop.ct_chain(params, key, x, T, "stochastic" if stochastic else "deterministic")
