@@ -32,7 +32,7 @@ HELP = {
     "steps": "inference steps on [0, 1]",
     "clip": "CT only: clip the global gradient norm at this value; 0 = no clipping",
     "schedule": "CT only: the noise schedule learned with the model (App. B, the paper's) or fixed at its init "
-                "(alpha_bar from 0.018 to 0.982): the learned one can collapse to chance on CIFAR-100 (results/README.md)",
+                "(--log-snr-init): the learned one can collapse to chance on CIFAR-100 (results/README.md)",
     "label_scale": "CT and adjoint: scale the label path's init weights (1 = PyTorch's default, the paper's silent choice); "
                    "with a one-hot z at d = 100 the default leaves u_hat flat (results/README.md)",
     "log_snr_init": "CT only: the learned schedule starts with log SNR(t) = -L at t = 0 rising to +L at t = 1 "
