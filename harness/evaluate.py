@@ -9,17 +9,15 @@ TRAIN_EVAL = 10_000  # train accuracy is measured on the first 10,000 training i
 EVAL_CHUNK = 1000  # images per predict call: one compiled shape, bounded memory
 
 
-def inference_modes(variant, default=""):
+def inference_modes(variant):
     """{name: jitted predict}: "" is the run's own mode (test_acc), any other is scored as test_acc_{name}.
 
     DT and CT have several (variant.modes: Eq. 3 with its noise, without it, CT's probability-flow ODE); the
-    first, or `default` (--deterministic, --sampler), is the run's own; the other variants have one mode.
+    first (--deterministic, --sampler) is the run's own; the other variants have one mode.
     """
     if not variant.modes:
         return {"": jax.jit(variant.predict)}
-    names = [n for n, _ in variant.modes]
-    first = default or names[0]
-    return {("" if n == first else n): jax.jit(partial(variant.predict, **kw)) for n, kw in variant.modes}
+    return {("" if i == 0 else n): jax.jit(partial(variant.predict, **kw)) for i, (n, kw) in enumerate(variant.modes)}
 
 
 def predictions(predict, params, state, key, x, runs, chunk=EVAL_CHUNK):

@@ -188,7 +188,7 @@ def fit(args, variant, params, state, data, key):
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     x, y = jax.device_put(data[:2], replicated)  # the training set on every device; batches are gathered there
     run_steps = jit_step(variant.loss, optimizer, train_steps, batch_sharding=batch_sharding)
-    modes = evaluate.inference_modes(variant, "deterministic" if getattr(args, "deterministic", False) else "")
+    modes = evaluate.inference_modes(variant)
     if jax.process_count() > 1:
         print(processes.holdings(tree, args.variant), file=sys.stderr, flush=True)
     if len(record["history"]) < args.epochs and not args.quiet:

@@ -19,7 +19,9 @@ import optax
 import noprop
 
 
-EQ3_MODES = (("stochastic", {"stochastic": True}), ("deterministic", {"stochastic": False}))  # DT: Eq. 3 with, without eps
+def first(name, modes):
+    """The inference modes, (name, predict's keyword arguments) pairs, with `name` first: the run's own."""
+    return tuple(sorted(modes, key=lambda mode: mode[0] != name))
 
 
 class Variant(NamedTuple):
@@ -75,13 +77,15 @@ def adam_l2(lr, weight_decay, clip=0.0, schedule="learned"):
 
 
 def dt(T=10, eta=0.1, block="cnn", lr=LR, weight_decay=WEIGHT_DECAY, classifier="softmax",
-       embedding_init="prototype"):
+       embedding_init="prototype", deterministic=False):
     """NoProp-DT (Eq. 8, Algorithm 1, Eq. 3 inference), AdamW; classifier and embedding_init: Figs. 6, 7 of v2."""
     sched, b, c = noprop.cosine_schedule(T), BLOCKS[block], noprop.CLASSIFIERS[classifier]
     blocks = dict(block=b, classifier=c)
     return Variant("NoProp-DT", partial(noprop.init_dt, T=T, block=b, embedding_init=embedding_init),
                    partial(noprop.loss_dt, sched=sched, eta=eta, **blocks), partial(noprop.predict_dt, sched=sched, **blocks),
-                   optax.adamw(lr, weight_decay=weight_decay), EQ3_MODES)
+                   optax.adamw(lr, weight_decay=weight_decay),
+                   first("deterministic" if deterministic else "stochastic",
+                         (("stochastic", {"stochastic": True}), ("deterministic", {"stochastic": False}))))
 
 
 def backprop(T=10, cls_scale=noprop.BACKPROP_CLS_SCALE, block="cnn", lr=LR, weight_decay=WEIGHT_DECAY):
@@ -96,7 +100,7 @@ def ct(eta=1.0, steps=1000, clip=CT_CLIP, lr=LR, weight_decay=WEIGHT_DECAY, sche
        log_snr_init=noprop.LOG_SNR_INIT, sampler="deterministic"):
     """NoProp-CT (Eq. 9, Algorithm 2, inference by `sampler` of noprop.CT_SAMPLERS on a grid of `steps`), Adam with
     L2 decay; schedule: learned (App. B) or fixed at its init; label_scale, log_snr_init: noprop.init_ct's."""
-    modes = tuple((name, {"sampler": name}) for name in [sampler] + [s for s in noprop.CT_SAMPLERS if s != sampler])
+    modes = first(sampler, tuple((name, {"sampler": name}) for name in noprop.CT_SAMPLERS))
     return Variant("NoProp-CT", partial(noprop.init_ct, label_scale=label_scale, log_snr_init=log_snr_init),
                    partial(noprop.loss_ct, eta=eta), partial(noprop.predict_ct, steps=steps),
                    adam_l2(lr, weight_decay, clip, schedule), modes)
