@@ -131,7 +131,7 @@ def conv_stack(p, x, key=None):
     return dense(p["fc"], h.reshape(h.shape[0], -1))
 
 
-def is_prototype(image_shape, d):
+def z_is_image(image_shape, d):
     """Sec. 4.3: when d equals the image size, z is an image and gets its own conv stack."""
     return d == math.prod(image_shape)
 
@@ -141,7 +141,7 @@ def init_dt_block(key, image_shape, d, m):
     ks = jax.random.split(key, 7)
     p, s = {"img": init_conv_stack(ks[0], image_shape)}, {}
     names = ["img_bn", "head1_bn", "head2_bn"]
-    if is_prototype(image_shape, d):
+    if z_is_image(image_shape, d):
         p["lab"] = init_conv_stack(ks[1], image_shape)
         names.append("lab_bn")
     else:
@@ -165,7 +165,7 @@ def dt_block(p, s, x, z, key=None):
 
     k_img, k_lab = jax.random.split(key) if train else (None, None)
     img = bn("img_bn", conv_stack(p["img"], x, k_img))
-    if not is_prototype(x.shape[1:], z.shape[-1]):  # label path: FC-BN-ReLU, residual (FC-BN-ReLU-FC-BN)
+    if not z_is_image(x.shape[1:], z.shape[-1]):  # label path: FC-BN-ReLU, residual (FC-BN-ReLU-FC-BN)
         h = jax.nn.relu(bn("lab_bn", dense(p["lab"], z)))
         lab = h + bn("res2_bn", dense(p["res2"], jax.nn.relu(bn("res1_bn", dense(p["res1"], h)))))
     else:  # prototype: z is an image, processed like x by its own conv stack
@@ -388,7 +388,7 @@ def init_continuous(key, image_shape, d, m):
     """The continuous-time model (Fig. 6 right): u_hat(z_t, x, t) of CT, v(z_t, x, t) of FM and the
     adjoint's vector field. Image, label and time paths, then a head; no BN."""
     ks = jax.random.split(key, 6)
-    lab = init_conv_stack(ks[1], image_shape) if is_prototype(image_shape, d) else init_dense(ks[1], d, 256)
+    lab = init_conv_stack(ks[1], image_shape) if z_is_image(image_shape, d) else init_dense(ks[1], d, 256)
     return {"img": init_conv_stack(ks[0], image_shape), "lab": lab, "time": init_dense(ks[2], 64, 256),
             "head1": init_dense(ks[3], 768, 256), "head2": init_dense(ks[4], 256, 128),
             "out": init_dense(ks[5], 128, m)}
@@ -403,7 +403,7 @@ def continuous_features(p, x, key=None):
 
 def continuous_logits(p, feats, z, t, image_shape, key=None):
     """Logits from continuous_features (B,256), z_t (B,d) and t (B,) or (1,) (one t for all) -> (B, m)."""
-    if is_prototype(image_shape, z.shape[-1]):  # z is an image: its own conv stack
+    if z_is_image(image_shape, z.shape[-1]):  # z is an image: its own conv stack
         lab = conv_stack(p["lab"], z.reshape((z.shape[0],) + tuple(image_shape)), key)
     else:
         lab = dense(p["lab"], z)
@@ -414,7 +414,8 @@ def continuous_logits(p, feats, z, t, image_shape, key=None):
 
 
 def init_gamma(key, hidden=GAMMA_HIDDEN, ends=(-LOG_SNR_INIT, LOG_SNR_INIT)):
-    """Parameters of the learnable schedule; positivity and gamma_1 > gamma_0 hold by construction."""
+    """Parameters of the learnable schedule, ends = (gamma_0, gamma_1); positivity and gamma_1 > gamma_0 hold by
+    construction."""
     k1, k2, k3 = jax.random.split(key, 3)
     return {"w1": jax.random.normal(k1, (hidden,)), "b1": jax.random.normal(k2, (hidden,)),
             "w2": jax.random.normal(k3, (hidden,)), "w0": jnp.zeros(()),
@@ -422,7 +423,8 @@ def init_gamma(key, hidden=GAMMA_HIDDEN, ends=(-LOG_SNR_INIT, LOG_SNR_INIT)):
 
 
 def gamma(p, t):
-    """gamma(t) = gamma_0 + (gamma_1 - gamma_0)(1 - gamma_bar(t)), Eqs. 66-67; decreasing in t.
+    """gamma(t) = gamma_0 + (gamma_1 - gamma_0)(1 - gamma_bar(t)), Eqs. 66-67; decreasing in t, so in Eq. 67's
+    names gamma(0) = gamma_1 (the noise end) and gamma(1) = gamma_0 (the label end).
 
     gamma_tilde(t) = softplus(w0) t + sum softplus(w2) sigmoid(softplus(w1) t + b1): a two-layer
     network with positive weights, so increasing; gamma_1 = gamma_0 + softplus(gap) > gamma_0.
@@ -452,10 +454,10 @@ def init_fm(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale
     label_scale multiplies the dense label path's init weights (not the paper's; 1 = PyTorch's U(+-1/sqrt(d))):
     a one-hot z gives that path features of size 1/sqrt(d), and at d = 100 CT's u_hat then stays flat.
     """
-    k_model, _, k_cls, k_emb = jax.random.split(key, 4)  # the second key is init_ct's schedule's
+    k_model, _, k_cls, k_emb = jax.random.split(key, 4)  # the second is CT's schedule's key (init_ct)
     d = embedding_dim(embedding, image_shape, m)
     model = jax.jit(init_continuous, static_argnums=(1, 2, 3))(k_model, image_shape, d, m)  # one compile
-    if not is_prototype(image_shape, d):
+    if not z_is_image(image_shape, d):
         model["lab"]["W"] = label_scale * model["lab"]["W"]
     return {"model": model, "classifier": init_dense(k_cls, d, m),
             **init_embedding(k_emb, embedding, m, image_shape, x, y)}, {}
@@ -466,7 +468,8 @@ def init_ct(key, image_shape, m, embedding="onehot", x=None, y=None, label_scale
     -log_snr_init at t = 0 to +log_snr_init at t = 1."""
     params, state = init_fm(key, image_shape, m, embedding, x, y, label_scale)
     ends = (-log_snr_init, log_snr_init)
-    return {**params, "schedule": init_gamma(jax.random.split(key, 4)[1], ends=ends)}, state
+    k_schedule = jax.random.split(key, 4)[1]  # the key init_fm leaves unused
+    return {**params, "schedule": init_gamma(k_schedule, ends=ends)}, state
 
 
 def loss_ct(params, state, key, x, y, eta=1.0):

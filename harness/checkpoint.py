@@ -56,8 +56,7 @@ def load_checkpoint(path, template, expect):
 
 # flags that say how long a run goes, how it is scored or where it runs: a resume may change these, no others
 MAY_CHANGE = {"epochs", "eval_runs", "test_limit", "train_eval", "deterministic", "sampler", "out", "checkpoint_dir", "resume",
-              "quiet", "plot", "data_dir", "offline", "tfds", "devices", "coordinator", "num_processes", "process_id",
-              "block_axis"}
+              "quiet", "plot", "data_dir", "offline", "tfds", "devices", "coordinator", "num_processes", "process_id"}
 
 
 def resume(args, tree, record, ident):

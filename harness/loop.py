@@ -1,8 +1,10 @@
 """The epoch loop the three scripts share: fit() trains, checks, evaluates, records and checkpoints.
 
-A run flows: script (flags, data, Variant, init) -> fit -> the jitted step, noprop.train_step over
-the Variant's loss (noprop.loss_dt, ...) -> after each epoch, the Variant's predict on the test
-and train images (harness.evaluate) -> the record (JSON) and a checkpoint.
+A run flows: script (flags, data, Variant, init) -> fit: for each epoch, train_epoch's steps (the
+jitted noprop.train_step over the Variant's loss, noprop.loss_dt, ...), the NaN guard, the Variant's
+predict on test and train images (harness.evaluate), the record (JSON) and a checkpoint
+(harness.checkpoint). Several devices or processes enter only through harness.processes: spread
+places the state before the loop, gather collects it after each epoch; on one device both change nothing.
 """
 import functools
 import json
@@ -113,12 +115,13 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
-def check_finite(epoch, losses, aux, tree, ckpt):
+def check_finite(epoch, losses, aux, tree, checkpoint_dir):
     """NaN/inf guard: stop naming the first bad step and loss term; the last checkpoint stays."""
     ok = np.isfinite(losses)
     losses_ok = bool(ok.all())
-    if losses_ok and bool(processes.gather(all_finite(tree["params"]))):
+    if losses_ok and bool(all_finite(tree["params"])):
         return
+    ckpt = os.path.join(checkpoint_dir, "checkpoint.npz") if checkpoint_dir else None
     i = len(losses) - 1 if losses_ok else int(np.argmin(ok))
     bad = [k for k, v in aux.items() if not bool(np.isfinite(v[i]).all())] or ["parameters"]
     kept = f"; last good checkpoint kept at {ckpt}" if ckpt and os.path.exists(ckpt) else "; no checkpoint written yet"
@@ -138,16 +141,17 @@ def describe(variant, args, params, data):
 IDENT = ("variant", "dataset", "embedding", "seed", "batch_size", "train_limit")  # a checkpoint must match these
 
 
-def new_record(args, n_dev):
-    """The run's JSON record before its first epoch: settings, versions, devices."""
+def new_record(args):
+    """The run's JSON record before its first epoch: settings, versions, devices (fit sets how many train)."""
     settings = vars(args).copy()
     return {**{k: settings[k] for k in IDENT}, "args": settings, "jax": jax.__version__,
-            "device": jax.devices()[0].device_kind, "devices": n_dev, "processes": jax.process_count(),
+            "device": jax.devices()[0].device_kind, "devices": 1, "processes": jax.process_count(),
             "history": [], "train_seconds": 0.0}
 
 
-def log_epoch(record, epochs, losses, aux, seconds, scores):
-    """Append an epoch to the record and print its line; after the last, the accuracies over all runs."""
+def log_epoch(record, epochs, losses, aux, seconds, scores, y_test):
+    """Append an epoch to the record and print its line; after the last, the accuracies over all runs and
+    each class's recall."""
     record["train_seconds"] += seconds
     n = len(losses) * record["batch_size"]
     train = {"train_acc": float(np.mean(scores["train"]))} if scores["train"] else {}  # none with --train-eval 0
@@ -160,7 +164,8 @@ def log_epoch(record, epochs, losses, aux, seconds, scores):
           + "".join(f"  {k[9:]} {100 * v:.2f}%" for k, v in scores["others"].items()), flush=True)
     if h["epoch"] == epochs:
         mean, se = evaluate.mean_stderr(scores["test"])
-        record.update(epochs=epochs, test_accs=scores["test"], test_acc_mean=mean, test_acc_stderr=se)
+        record.update(epochs=epochs, test_accs=scores["test"], test_acc_mean=mean, test_acc_stderr=se,
+                      test_class_recall=evaluate.class_recall(scores["preds"], np.asarray(y_test)))
         line = f"over {len(scores['test'])} inference runs: test accuracy {100 * mean:.2f} +- {100 * se:.2f}"
         if train:
             tr_mean, tr_se = evaluate.mean_stderr(scores["train"])
@@ -176,43 +181,35 @@ def fit(args, variant, params, state, data, key):
     repeats an uninterrupted one.
     """
     print(describe(variant, args, params, data))
-    k_train, k_eval = jax.random.split(key)
     ema = getattr(args, "ema", 0)  # CT: evaluate a moving average of the weights
     optimizer = with_ema(variant.optimizer, ema)
-    n_dev = processes.device_count(args, args.variant)
-    record = new_record(args, n_dev)
-    ckpt = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.checkpoint_dir else None
+    record = new_record(args)
     tree = resume(args, {"params": params, "state": state, "opt_state": optimizer.init(params)}, record,
                   {k: record[k] for k in IDENT})
-    tree, batch_sharding = processes.place(tree, args.variant, n_dev)
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    x, y = jax.device_put(data[:2], replicated)  # the training set on every device; batches are gathered there
+    tree, (x, y), batch_sharding, record["devices"] = processes.spread(args, tree, data[:2])  # one device: as is
     run_steps = jit_step(variant.loss, optimizer, train_steps, batch_sharding=batch_sharding)
-    modes = evaluate.inference_modes(variant)
-    if jax.process_count() > 1:
-        print(processes.holdings(tree, args.variant), file=sys.stderr, flush=True)
+    modes = evaluate.inference_modes(variant)  # {name: jitted predict}
+    k_train, k_eval = jax.random.split(key)
     if len(record["history"]) < args.epochs and not args.quiet:
         print("compiling the training step...", flush=True)
     for epoch in range(len(record["history"]), args.epochs):
         tree, losses, aux, seconds = train_epoch(run_steps, tree, x, y, jax.random.fold_in(k_train, epoch),
                                                  args.batch_size, args.quiet)
-        check_finite(epoch, losses, aux, tree, ckpt)
+        whole = processes.gather(tree)  # several processes: each holds a part, and each evaluates all of it
+        check_finite(epoch, losses, aux, whole, args.checkpoint_dir)
         last = epoch + 1 == args.epochs
-        weights, bn = processes.gather((eval_weights(tree, ema), tree["state"]))  # each process evaluates all
-        scores = evaluate.score(modes, weights, bn, k_eval, data, args.eval_runs if last else 1, args.train_eval)
-        log_epoch(record, args.epochs, losses, aux, seconds, scores)
-        if last:
-            record["test_class_recall"] = evaluate.class_recall(scores["preds"], np.asarray(data[3]))
-        whole = processes.gather(tree) if ckpt else None  # every process takes part in gathering
+        scores = evaluate.score(modes, eval_weights(whole, ema), whole["state"], k_eval, data,
+                                args.eval_runs if last else 1, args.train_eval)
+        log_epoch(record, args.epochs, losses, aux, seconds, scores, data[3])
         if jax.process_index() == 0:
-            write_epoch(ckpt, whole, record, args.out)
+            write_epoch(args.checkpoint_dir, whole, record, args.out)
     return record, tree
 
 
-def write_epoch(ckpt, tree, record, out):
+def write_epoch(checkpoint_dir, tree, record, out):
     """Process 0, after each epoch: the checkpoint (with the record's history) and the JSON, each atomically."""
-    if ckpt:
-        save_checkpoint(ckpt, tree, {**{k: record[k] for k in IDENT}, "args": record["args"], "history": record["history"],
+    if checkpoint_dir:
+        save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.npz"), tree, {**{k: record[k] for k in IDENT}, "args": record["args"], "history": record["history"],
                                      "train_seconds": record["train_seconds"]})
     if out:
         write_json(out, record)

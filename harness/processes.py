@@ -1,7 +1,7 @@
 """Several devices and several processes: jax.distributed, where the training state lives, gathering.
 
-One process on one device needs none of this: join_processes returns at once, and place() on a
-one-device mesh changes nothing.
+One process on one device needs none of this: join_processes and spread return at once, and gather
+returns what it is given.
 """
 import os
 import re
@@ -82,6 +82,19 @@ def place(tree, variant, n):
         return split if variant == "dt" and (keys[0] == "state" or "blocks" in keys) else whole
 
     return jax.device_put(tree, jax.tree_util.tree_map_with_path(where, tree)), (whole if variant == "dt" else split)
+
+
+def spread(args, tree, xy):
+    """--devices n or several processes: the training state and set placed on the devices (place), and where
+    each batch goes. Returns (tree, xy, batch_sharding, n); one device in one process: as they are, None, 1."""
+    n = device_count(args, args.variant)
+    if n == 1 and jax.process_count() == 1:  # committed to the device now, as every step's output is: one compile
+        return *jax.device_put((tree, xy), jax.devices()[0]), None, 1
+    tree, batch_sharding = place(tree, args.variant, n)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    if jax.process_count() > 1:
+        print(holdings(tree, args.variant), file=sys.stderr, flush=True)
+    return tree, jax.device_put(xy, replicated), batch_sharding, n  # the training set on every device
 
 
 def gather(tree):

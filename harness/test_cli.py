@@ -77,9 +77,13 @@ def tiny_run(tmp_path, *extra, block="mlp"):
                           "--eval-runs", "1", "--quiet"] + list(extra))
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    ck = str(tmp_path / "ck")
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    ck, steps = str(tmp_path / "ck"), []
+    from harness import loop
+    jit_step = loop.jit_step
+    monkeypatch.setattr(loop, "jit_step", lambda *a, **kw: steps.append(jit_step(*a, **kw)) or steps[-1])
     _, full = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck_full"), block="cnn")  # every epoch
+    assert steps[0]._cache_size() == 1  # one compile of the training step: epoch 2's state is placed as epoch 1's
     tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", ck, block="cnn")
     record, resumed = tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", ck, "--resume", block="cnn")
     assert len(record["history"]) == 2 and len(record["history"][0]["terms"]["L_t"]) == 1  # per-term means

@@ -30,7 +30,7 @@ DATASETS = ("mnist", "cifar10", "cifar100")
 TITLES = dict(zip(DATASETS, ("MNIST", "CIFAR-10", "CIFAR-100")))
 DEFAULTS = {"train_dt.py": train_dt.DEFAULTS, "train_ct.py": train_ct.DEFAULTS, "train_fm.py": train_fm.DEFAULTS}
 # flags that are the table's columns, or say how a run is done, not what it computes
-NOT_SETTINGS = {"epochs", "seed", "eval_runs", "dataset", "embedding", "method", "block_axis", "train_eval", *RUN_FLAGS}
+NOT_SETTINGS = {"epochs", "seed", "eval_runs", "dataset", "embedding", "method", "train_eval", *RUN_FLAGS}
 # Table 1 as printed (results/paper_table1.txt): train and test accuracy (%) for MNIST, CIFAR-10, CIFAR-100
 PAPER = {tuple(line.split()[:2]): tuple(line.split()[2:]) for line in open(os.path.join(HERE, "paper_table1.txt"))
          if line.strip() and not line.startswith("#")}

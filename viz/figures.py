@@ -28,7 +28,7 @@ def write(history, variant, image_shape, params_before, params_after, T, stem):
     figs = {"curves": curves(plt, history, variant)}
     if variant in ("dt", "ct"):
         figs["schedule"] = schedule(plt, variant, T, params_before, params_after)
-    if "W_embed" in params_after and noprop.is_prototype(image_shape, params_after["W_embed"].shape[1]):
+    if "W_embed" in params_after and noprop.z_is_image(image_shape, params_after["W_embed"].shape[1]):
         figs["embeddings"] = embeddings(plt, image_shape, params_before, params_after)
     for name, fig in figs.items():
         fig.tight_layout()
