@@ -67,8 +67,7 @@ def train_epoch(run_steps, tree, x, y, key, batch_size, quiet):
         tree, loss, aux = run_steps(tree, *jax.device_put((keys[i:i + n], batches[i:i + n]), x.sharding), x, y)
         losses.append(loss.block_until_ready()), auxes.append(aux)  # honest ETA
         progress(i + n - 1, steps, t0, quiet)
-    losses, aux = processes.gather((jnp.concatenate(losses), jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)))
-    return tree, losses, aux, time.time() - t0
+    return tree, jnp.concatenate(losses), jax.tree.map(lambda *a: jnp.concatenate(a), *auxes), time.time() - t0
 
 
 class EmaState(NamedTuple):
@@ -195,7 +194,7 @@ def fit(args, variant, params, state, data, key):
     for epoch in range(len(record["history"]), args.epochs):
         tree, losses, aux, seconds = train_epoch(run_steps, tree, x, y, jax.random.fold_in(k_train, epoch),
                                                  args.batch_size, args.quiet)
-        whole = processes.gather(tree)  # several processes: each holds a part, and each evaluates all of it
+        whole, losses, aux = processes.gather((tree, losses, aux))  # several processes: each holds a part
         check_finite(epoch, losses, aux, whole, args.checkpoint_dir)
         last = epoch + 1 == args.epochs
         scores = evaluate.score(modes, eval_weights(whole, ema), whole["state"], k_eval, data,
