@@ -8,6 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def checkpoint_file(checkpoint_dir):
+    """Where a run keeps its checkpoint: --checkpoint-dir/checkpoint.npz, or None without one."""
+    return os.path.join(checkpoint_dir, "checkpoint.npz") if checkpoint_dir else None
+
+
 def save_checkpoint(path, tree, meta):
     """Write the pytree's leaves and a JSON `meta` to `path`, atomically."""
     arrays = {jax.tree_util.keystr(k): np.asarray(v)
@@ -63,7 +68,7 @@ def resume(args, tree, record, ident):
     """--resume: the training state after the last finished epoch in --checkpoint-dir, its history
     and seconds put into `record`; without a checkpoint there yet, `tree` as it is. A checkpoint trained
     with other settings (e.g. --lr) is refused."""
-    path = os.path.join(args.checkpoint_dir, "checkpoint.npz") if args.resume else None
+    path = checkpoint_file(args.checkpoint_dir) if args.resume else None
     if path and not os.path.exists(path):
         print(f"no checkpoint at {path} yet: starting from scratch")
     elif path:

@@ -20,7 +20,7 @@ import optax
 
 import noprop
 from harness import evaluate, processes
-from harness.checkpoint import atomic_write, resume, save_checkpoint
+from harness.checkpoint import atomic_write, checkpoint_file, resume, save_checkpoint
 
 
 def jit_step(loss_fn, optimizer, step=noprop.train_step, **kw):
@@ -120,7 +120,7 @@ def check_finite(epoch, losses, aux, tree, checkpoint_dir):
     losses_ok = bool(ok.all())
     if losses_ok and bool(all_finite(tree["params"])):
         return
-    ckpt = os.path.join(checkpoint_dir, "checkpoint.npz") if checkpoint_dir else None
+    ckpt = checkpoint_file(checkpoint_dir)
     i = len(losses) - 1 if losses_ok else int(np.argmin(ok))
     bad = [k for k, v in aux.items() if not bool(np.isfinite(v[i]).all())] or ["parameters"]
     kept = f"; last good checkpoint kept at {ckpt}" if ckpt and os.path.exists(ckpt) else "; no checkpoint written yet"
@@ -141,10 +141,10 @@ IDENT = ("variant", "dataset", "embedding", "seed", "batch_size", "train_limit")
 
 
 def new_record(args):
-    """The run's JSON record before its first epoch: settings, versions, devices (fit sets how many train)."""
+    """The run's JSON record before its first epoch: settings, versions, the device (fit adds how many train)."""
     settings = vars(args).copy()
     return {**{k: settings[k] for k in IDENT}, "args": settings, "jax": jax.__version__,
-            "device": jax.devices()[0].device_kind, "devices": 1, "processes": jax.process_count(),
+            "device": jax.devices()[0].device_kind, "processes": jax.process_count(),
             "history": [], "train_seconds": 0.0}
 
 
@@ -208,8 +208,9 @@ def fit(args, variant, params, state, data, key):
 def write_epoch(checkpoint_dir, tree, record, out):
     """Process 0, after each epoch: the checkpoint (with the record's history) and the JSON, each atomically."""
     if checkpoint_dir:
-        save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.npz"), tree, {**{k: record[k] for k in IDENT}, "args": record["args"], "history": record["history"],
-                                     "train_seconds": record["train_seconds"]})
+        meta = {**{k: record[k] for k in IDENT}, "args": record["args"], "history": record["history"],
+                "train_seconds": record["train_seconds"]}
+        save_checkpoint(checkpoint_file(checkpoint_dir), tree, meta)
     if out:
         write_json(out, record)
 
