@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harness.cli import PAPER_EPOCHS as EPOCHS, RUN_FLAGS  # noqa: E402  Table 4's epochs: MNIST, CIFAR-10, CIFAR-100
 import train_ct, train_dt, train_fm  # noqa: E402  their DEFAULTS: the paper's settings
+from harness.evaluate import TRAIN_EVAL  # noqa: E402  the training images train accuracy is measured on
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -105,6 +106,8 @@ def table_row(v, d, e, recs):
     epochs = sorted({r["epochs"] for r in recs})
     note = "".join(f", {d}" for d in sorted({deviations(r) for r in recs}) if d)  # not the paper's settings
     note += "".join(f", on an {k}" for k in sorted({r["device"] for r in recs}) if k != "cpu")
+    note += "".join(f", train % on {n:,} images" for n in sorted({r["args"].get("train_eval", TRAIN_EVAL) for r in recs
+                                                                   if "train_accs" in r} - {TRAIN_EVAL}))
     return (f"| {NAMES[v]} | {e} | {TITLES[d]} | {'/'.join(map(str, epochs))} ({EPOCHS[v][col]}){note} | {len(recs)} | "
             f"{stat('train_accs')} | **{stat('test_accs')}** | {PAPER[v, e][2 * col]} | {PAPER[v, e][2 * col + 1]} | "
             f"{sum(r['train_seconds'] for r in recs) / 3600:.1f} |")

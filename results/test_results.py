@@ -92,6 +92,8 @@ def test_reproduce_plans_all_of_table_1_and_runs_a_row_on_a_tiny_budget(tmp_path
     assert "| NoProp-DT | onehot | CIFAR-10 | 1 (150) | 1 |" in reproduce.table(str(tmp_path / "out"))  # the paper's: no note
     json.dump(dict(rec, args={**rec["args"], **paper, "deterministic": True}), open(tmp_path / "out" / "dt_mnist_dim20_s0.json", "w"))
     assert "| NoProp-DT | dim20 | MNIST | 1 (100), --deterministic | 1 |" in reproduce.table(str(tmp_path / "out"))
+    json.dump(dict(rec, args={**rec["args"], **paper, "train_eval": 2000}), open(tmp_path / "out" / "dt_mnist_dim20_s0.json", "w"))
+    assert "| NoProp-DT | dim20 | MNIST | 1 (100), train % on 2,000 images | 1 |" in reproduce.table(str(tmp_path / "out"))
     fm = dict(rec, variant="fm", args={**reproduce.DEFAULTS["train_fm.py"], "steps": 20, "lr": 0.002})
     json.dump(fm, open(tmp_path / "out" / "fm_mnist_prototype_s0.json", "w"))
     row = [r for r in reproduce.table(str(tmp_path / "out")).splitlines() if r.startswith("| NoProp-FM | prototype")]
@@ -180,3 +182,17 @@ def test_adjoint_choices_probe_is_the_adjoint_at_its_defaults_and_each_choice_ch
     np.testing.assert_array_equal(ac.predict(params, state, KEY, x, steps=4), noprop.predict_adjoint(params, state, KEY, x, steps=4))
     for change in ({"z0": 0.0}, {"dropout": False}, {"horizon": 10.0}):
         assert abs(ac.loss(params, state, KEY, x, y, steps=4, **change)[0] - l_ref) > 1e-4, change
+
+
+def test_l2_grip_weighs_the_data_gradient_against_the_decay():
+    """results/l2_grip.py: for a loss whose gradient is c w, the data gradient is c/decay times the decay's pull, and
+    every coordinate is under the decay exactly when c < decay; the gain scales weight matrices only."""
+    from results.l2_grip import grip, scale_weights
+    params = {"model": {"a": {"W": jax.random.normal(KEY, (5, 3)), "b": jnp.ones(3)}},
+              "classifier": {"W": jnp.ones((2, 2)), "b": jnp.ones(2)}, "schedule": {"gamma_0": jnp.float32(-2.0)}}
+    for c, share in ((0.5e-3, 1.0), (2e-3, 0.0)):
+        (g, l2, under), = grip(lambda p, b: jax.tree.map(lambda w: c * w, p), params, [0, 1], 1e-3).values()
+        assert g / l2 == pytest.approx(c / 1e-3, rel=1e-5) and under == share
+    scaled = scale_weights(params, 2.0)
+    assert jnp.allclose(scaled["model"]["a"]["W"], 2 * params["model"]["a"]["W"]) and jnp.all(scaled["model"]["a"]["b"] == 1)
+    assert jnp.all(scaled["classifier"]["W"] == 2) and scaled["schedule"] == params["schedule"]
